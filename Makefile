@@ -1,0 +1,40 @@
+# The README's two commands, `make demo` and `make test`, set everything up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Downloads are cached inside the venv: a changed lock re-installs without re-downloading
+# the 800 MB MindSpore wheel.
+export PIP_CACHE_DIR := $(abspath $(VENV))/pip-cache
+export SVD_BATCH_CACHE := $(abspath .cache)
+
+.PHONY: setup demo test test-fast bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+demo: setup
+	@test -f .cache/tiny-svd/model_index.json || $(VENV)/bin/svd-batch tiny-model .cache/tiny-svd
+	$(VENV)/bin/svd-batch run jobs/demo/job.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf .cache out .pytest_cache

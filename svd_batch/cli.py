@@ -1,0 +1,156 @@
+"""The `svd-batch` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+# Small enough for the tiny model to render in seconds on a CPU.
+TINY_DEFAULTS = {"height": 64, "width": 64, "num_inference_steps": 2, "decode_chunk_size": 2}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SVD_BATCH_CACHE", Path.home() / ".cache" / "svd-batch"))
+
+
+def ensure_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Build the tiny model once; concurrent builders never see a half-written directory."""
+    if (directory / "model_index.json").is_file():
+        return directory
+    from svd_batch.engine.tiny import build_tiny_model
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    build_tiny_model(staging, seed)
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first; theirs is identical (same seed)
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the pipeline directory.")],
+    seed: Annotated[int, typer.Option(help="Weight seed; the same seed writes identical files.")] = 0,
+) -> None:
+    """Write a tiny random-weight SVD pipeline (real SVD classes, small configs)."""
+    if directory.exists() and any(directory.iterdir()):
+        raise fail(f"{directory} exists and is not empty; choose a new directory")
+    from svd_batch.engine.tiny import build_tiny_model
+
+    build_tiny_model(directory, seed)
+    out.print(f"tiny SVD pipeline written to {directory}")
+
+
+@app.command()
+def render(
+    images: Annotated[list[Path], typer.Argument(help="Input images (anything Pillow reads).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the videos.")] = Path("out"),
+    model: Annotated[Path | None, typer.Option(help="Local SVD pipeline directory; default: the tiny model.")] = None,
+    height: Annotated[int | None, typer.Option(help="Multiple of 8 (and of the model's own factor).")] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    num_frames: Annotated[int | None, typer.Option(help="Default: the model's.")] = None,
+    steps: Annotated[int | None, typer.Option(help="num_inference_steps.")] = None,
+    fps: Annotated[int | None, typer.Option(help="Conditioning fps (the UNet sees fps-1).")] = None,
+    export_fps: Annotated[float | None, typer.Option(help="Frame rate of the written file.")] = None,
+    motion_bucket_id: Annotated[int | None, typer.Option()] = None,
+    noise_aug_strength: Annotated[float | None, typer.Option()] = None,
+    min_guidance_scale: Annotated[float | None, typer.Option()] = None,
+    max_guidance_scale: Annotated[float | None, typer.Option()] = None,
+    decode_chunk_size: Annotated[int | None, typer.Option()] = None,
+    num_videos: Annotated[int | None, typer.Option("--num-videos", help="Videos per image.")] = None,
+    fit: Annotated[str | None, typer.Option(help="crop | pad | stretch")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every image; default: derived per image.")] = None,
+    formats: Annotated[list[str], typer.Option("--format", help="mp4 | gif | webp | png; repeatable.")] = ["mp4"],  # noqa: B006
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    variant: Annotated[str | None, typer.Option(help="Weight file variant, e.g. fp16.")] = None,
+    forward_chunking: Annotated[bool, typer.Option(help="unet.enable_forward_chunking")] = False,
+) -> None:
+    """Render images to videos in this process (no Ray): a quick trial of a model and settings."""
+    from pydantic import ValidationError
+
+    from svd_batch.plan import RowError, resolve
+    from svd_batch.schema import JobSpec, ManifestRow, explain
+    from svd_batch.worker import RowWorker
+
+    options = {
+        "height": height,
+        "width": width,
+        "num_frames": num_frames,
+        "num_inference_steps": steps,
+        "fps": fps,
+        "export_fps": export_fps,
+        "motion_bucket_id": motion_bucket_id,
+        "noise_aug_strength": noise_aug_strength,
+        "min_guidance_scale": min_guidance_scale,
+        "max_guidance_scale": max_guidance_scale,
+        "decode_chunk_size": decode_chunk_size,
+        "num_videos_per_prompt": num_videos,
+        "fit": fit,
+    }
+    defaults = {k: v for k, v in options.items() if v is not None}
+    if model is None:
+        model = ensure_tiny_model(cache_dir() / "tiny-svd")
+        defaults = {**TINY_DEFAULTS, **defaults}
+    try:
+        spec = JobSpec.model_validate(
+            {
+                "name": "render",
+                "manifest": "-",
+                "output": str(out_dir.resolve()),
+                "defaults": defaults,
+                "formats": formats,
+                "model": {"path": model, "dtype": dtype, "variant": variant, "forward_chunking": forward_chunking},
+            }
+        )
+    except ValidationError as exc:
+        field, reason = explain(exc, JobSpec)[0]
+        raise fail(f"--{field.split('.')[-1].replace('_', '-')}: {reason}") from None
+    items = []
+    base = str(Path.cwd() / "-")
+    for number, image in enumerate(images, start=1):
+        row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
+        try:
+            items += resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number, spec, base, "render")
+        except RowError as exc:
+            raise fail(f"{image}: {exc.field}: {exc.reason}") from None
+    from svd_batch.engine.loader import ModelError
+
+    try:
+        worker = RowWorker(spec)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    rows = worker.process(items)
+    for row in rows:
+        if row.status == "ok":
+            uris = [getattr(row, f"{f}_uri") for f in spec.formats]
+            out.print(f"{row.id} (seed {row.seed}): " + " ".join(u.removeprefix("file://") for u in uris))
+        else:
+            err.print(f"[red]failed[/] {row.error}", highlight=False)
+    if any(r.status != "ok" for r in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="svd-batch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

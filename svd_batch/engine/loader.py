@@ -1,0 +1,137 @@
+"""Load a StableVideoDiffusionPipeline from a local diffusers-layout directory of safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from svd_batch.engine import runtime
+from svd_batch.schema import ModelSpec
+
+# Pickle-based formats execute code while loading; a renderer that reads user-supplied
+# directories on a shared cluster must never open them.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+WEIGHTED = ("unet", "vae", "image_encoder")
+CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class ModelError(ValueError):
+    """The model directory cannot be loaded; the message names the file and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    path: str
+    sha256: str  # over every weight file, so metadata says exactly which weights made a video
+    device: str
+    num_frames: int
+    size_multiple: int  # height and width must be multiples of this
+
+
+def _weight_files(component: Path, variant: str | None) -> list[Path]:
+    files = sorted(component.glob("*.safetensors"))
+    if variant:
+        return [f for f in files if f.name.endswith(f".{variant}.safetensors")]
+    return [f for f in files if f.name.count(".") == 1]
+
+
+def check_model_dir(path: Path, variant: str | None = None) -> dict[Path, list[Path]]:
+    """Check layout, configs and weight headers without loading; returns weight files by component."""
+    from safetensors import safe_open
+
+    if not path.is_dir():
+        raise ModelError(
+            f"model directory {path} does not exist; build one with `svd-batch tiny-model {path}` "
+            "or point model.path at a local SVD / SVD-XT checkpoint"
+        )
+    index_file = path / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{index_file} is missing; {path} is not a diffusers pipeline directory") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{index_file} is not valid JSON ({exc}); restore it from the checkpoint") from exc
+    weights: dict[Path, list[Path]] = {}
+    for name in ("unet", "vae", "image_encoder", "scheduler", "feature_extractor"):
+        entry = index.get(name)
+        component = path / name
+        if not entry or entry[0] is None:
+            raise ModelError(f"{index_file} names no class for '{name}'; write [library, class] for it")
+        configs = [component / c for c in CONFIG_NAMES if (component / c).is_file()]
+        if not configs:
+            raise ModelError(f"{component}/ has no config file; the '{name}' component is missing or incomplete")
+        for config in configs:
+            try:
+                json.loads(config.read_text())
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"{config} is not valid JSON ({exc}); restore it from the checkpoint") from exc
+        if name not in WEIGHTED:
+            continue
+        files = _weight_files(component, variant)
+        if not files:
+            pickles = sorted(p.name for p in component.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ModelError(
+                    f"{component}/ has only pickle weights ({', '.join(pickles)}); pickle files run code "
+                    "when loaded, so they are refused. Convert them to .safetensors"
+                )
+            wanted = f"*.{variant}.safetensors" if variant else "*.safetensors"
+            raise ModelError(f"{component}/ has no {wanted} weights; the '{name}' component is incomplete")
+        for file in files:
+            try:
+                with safe_open(str(file), framework="numpy") as handle:
+                    handle.keys()
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise ModelError(f"{file} is not a readable safetensors file ({exc}); re-copy it") from exc
+        weights[component] = files
+    return weights
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_pipeline(spec: ModelSpec, device: runtime.Device = "cpu") -> LoadedModel:
+    path = Path(spec.path).expanduser().resolve()
+    if device == "cpu" and spec.dtype == "bf16":
+        raise ModelError("dtype bf16 has no MindSpore CPU kernels (Conv2D takes float32); use fp32 or fp16 on CPU")
+    weights = check_model_dir(path, spec.variant)
+    device_label = runtime.configure(device, spec.mode)
+
+    import mindspore as ms
+    from mindone.diffusers import StableVideoDiffusionPipeline
+
+    try:
+        pipe = StableVideoDiffusionPipeline.from_pretrained(
+            str(path),
+            mindspore_dtype=getattr(ms, DTYPES[spec.dtype]),
+            variant=spec.variant,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+    except Exception as exc:  # mindone raises bare ValueError/OSError/KeyError for bad checkpoints
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: the weights do not load ({first}); check that configs match the weights") from exc
+    if spec.forward_chunking:
+        pipe.unet.enable_forward_chunking(chunk_size=1, dim=1)
+    pipe.set_progress_bar_config(disable=True)
+    unet_levels = len(pipe.unet.config.block_out_channels)
+    return LoadedModel(
+        pipe=pipe,
+        path=str(path),
+        sha256=_hash_files([f for files in weights.values() for f in files]),
+        device=device_label,
+        num_frames=int(pipe.unet.config.num_frames),
+        size_multiple=pipe.vae_scale_factor * 2 ** (unet_levels - 1),
+    )

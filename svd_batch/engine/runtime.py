@@ -1,0 +1,63 @@
+"""Put this process's MindSpore on one device, once.
+
+A worker owns exactly one accelerator. On Ascend, Ray narrows `ASCEND_RT_VISIBLE_DEVICES`
+to the device it granted, so inside the worker that device is always logical id 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+Device = Literal["cpu", "npu"]
+Mode = Literal["pynative", "graph"]
+
+_configured: tuple[str, int, str] | None = None
+
+
+def ascend_device_id(environ: Mapping[str, str]) -> int:
+    """The logical device id this process should use on Ascend."""
+    visible = environ.get("ASCEND_RT_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return 0
+    return int(environ.get("DEVICE_ID", "0"))
+
+
+def configure(device: Device = "cpu", mode: Mode = "pynative") -> str:
+    """Set the MindSpore context and, on CPU only, route mint ops to CPU kernels.
+
+    Returns a label naming the device, for the metadata.
+    """
+    global _configured
+    target = "CPU" if device == "cpu" else "Ascend"
+    device_id = 0 if device == "cpu" else ascend_device_id(os.environ)
+    wanted = (target, device_id, mode)
+    if _configured is not None:
+        if _configured != wanted:
+            raise RuntimeError(f"MindSpore is already configured as {_configured}; cannot switch to {wanted}")
+        return _label(device, device_id)
+
+    import mindspore as ms
+
+    from svd_batch.engine import cpu_ops
+
+    ms.set_context(
+        mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE,
+        device_target=target,
+        device_id=device_id,
+        # On CPU the asynchronous op queue thrashes on few cores (3-5x slower, measured),
+        # and synchronous execution makes a failing kernel blame the right op.
+        pynative_synchronize=target == "CPU",
+    )
+    cpu_ops.enable_for_device(target)
+    _configured = wanted
+    return _label(device, device_id)
+
+
+def _label(device: Device, device_id: int) -> str:
+    if device == "cpu":
+        return "cpu"
+    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "").strip()
+    physical = visible.split(",")[0] if visible else str(device_id)
+    return f"npu:{physical}"

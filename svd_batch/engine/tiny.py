@@ -1,0 +1,138 @@
+"""A tiny random-weight SVD checkpoint: the real SVD classes with small configs.
+
+It is the embedded default model (no hub exists here, and real SVD weights are gigabytes), so
+it must exercise the same code a real checkpoint does: the same component classes, the same
+diffusers directory layout, the same loader. Weights come from a numpy generator seeded by the
+caller, so the same seed always writes byte-identical safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from svd_batch.engine import runtime
+
+# Small configs of the SVD-XT component classes. The CLIP tower keeps SVD's 224x224 input
+# (the pipeline always resizes to 224 before encoding); everything else is shrunk.
+UNET_CONFIG = {
+    "sample_size": 32,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "num_attention_heads": [2, 4],
+    "addition_time_embed_dim": 32,
+    "projection_class_embeddings_input_dim": 96,
+    "num_frames": 4,
+}
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+}
+CLIP_CONFIG = {
+    "hidden_size": 32,
+    "projection_dim": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 224,
+    "patch_size": 14,
+}
+# Stable Video Diffusion's own scheduler settings (EDM-style Euler with Karras sigmas).
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": True,
+    "sigma_min": 0.002,
+    "sigma_max": 700.0,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "steps_offset": 1,
+}
+FEATURE_EXTRACTOR_CONFIG = {
+    "crop_size": {"height": 224, "width": 224},
+    "size": {"shortest_edge": 224},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def _seed_weights(cell: object, rng: np.random.Generator) -> None:
+    """Replace random initialisations with seeded draws scaled by fan-in.
+
+    Constant initialisations (norm scales, zero biases, blend factors) are deterministic
+    already and meaningful, so they are kept.
+    """
+    import mindspore as ms
+
+    for _, param in sorted(cell.parameters_and_names(), key=lambda item: item[0]):
+        values = param.asnumpy()
+        if values.size < 2 or np.all(values == values.flat[0]):
+            continue
+        fan_in = int(np.prod(values.shape[1:])) if values.ndim > 1 else 0
+        std = fan_in**-0.5 if fan_in else 0.02
+        drawn = rng.normal(0.0, std, size=values.shape).astype(values.dtype)
+        param.set_data(ms.Tensor(drawn))
+
+
+def _mark_safetensors_as_pt(directory: Path) -> None:
+    """mindone writes `format: np`; torch-side loaders (transformers) refuse anything but pt."""
+    from safetensors.numpy import load_file, save_file
+
+    for path in sorted(directory.rglob("*.safetensors")):
+        save_file(load_file(str(path)), str(path), metadata={"format": "pt"})
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    runtime.configure(device="cpu")
+    from mindone.diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from mindone.transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    rng = np.random.default_rng(seed)
+    unet = UNetSpatioTemporalConditionModel(**UNET_CONFIG)
+    vae = AutoencoderKLTemporalDecoder(**VAE_CONFIG)
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_CONFIG))
+    for component in (unet, vae, image_encoder):
+        _seed_weights(component, rng)
+    feature_extractor = CLIPImageProcessor(**FEATURE_EXTRACTOR_CONFIG)
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        feature_extractor=feature_extractor,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    # mindone cannot save transformers' processor: it writes [null, null] for it, which its
+    # own from_pretrained then rejects. Save it ourselves and name its class.
+    feature_extractor.save_pretrained(str(out_dir / "feature_extractor"))
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _mark_safetensors_as_pt(out_dir)
+    return out_dir

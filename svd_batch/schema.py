@@ -1,0 +1,287 @@
+"""Every schema of svd-batch, as pydantic models; the Parquet schema is derived from them.
+
+RenderParams   what shapes one video (any field can be overridden per manifest row)
+ManifestRow    one input row of a manifest
+JobSpec        the job YAML
+ResultRow      one metadata row per output video
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import types
+import typing
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+
+class Format(StrEnum):
+    mp4 = "mp4"
+    gif = "gif"
+    webp = "webp"
+    png = "png"
+
+
+class FitPolicy(StrEnum):
+    """How an input image is brought to the render size."""
+
+    crop = "crop"  # scale to cover, centre-crop the overflow
+    pad = "pad"  # scale to fit, pad the rest with black
+    stretch = "stretch"  # scale each axis independently
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=True)
+
+
+Positive = Annotated[int, Field(gt=0)]
+
+
+class RenderParams(Strict):
+    """Every parameter of the pipeline call, plus how the input is fitted and exported."""
+
+    height: Annotated[int, Field(gt=0, multiple_of=8)] = 576
+    width: Annotated[int, Field(gt=0, multiple_of=8)] = 1024
+    num_frames: Positive | None = None  # None: the model's own (unet.config.num_frames)
+    num_inference_steps: Annotated[int, Field(gt=0, le=1000)] = 25
+    sigmas: list[Annotated[float, Field(ge=0)]] | None = None
+    min_guidance_scale: Annotated[float, Field(ge=0)] = 1.0
+    max_guidance_scale: Annotated[float, Field(ge=0)] = 3.0
+    fps: Annotated[int, Field(gt=0, le=240)] = 7  # conditioning only; the UNet sees fps - 1
+    motion_bucket_id: Annotated[int, Field(ge=0, le=1023)] = 127
+    noise_aug_strength: Annotated[float, Field(ge=0, le=10)] = 0.02
+    decode_chunk_size: Positive | None = None  # None: all frames at once
+    num_videos_per_prompt: Annotated[int, Field(gt=0, le=64)] = 1
+    fit: FitPolicy = FitPolicy.crop
+    export_fps: Annotated[float, Field(gt=0, le=240)] = 7.0  # frame rate of the written file
+    latents: str | None = None  # .npy of initial latents (B, F, C, H/8, W/8), path or s3:// URI
+
+    @model_validator(mode="after")
+    def _guidance_order(self) -> RenderParams:
+        if self.min_guidance_scale > self.max_guidance_scale:
+            raise ValueError(
+                f"min_guidance_scale ({self.min_guidance_scale}) is above max_guidance_scale "
+                f"({self.max_guidance_scale}); set min <= max"
+            )
+        return self
+
+    def call_key(self) -> tuple[Any, ...]:
+        """Rows with equal keys can share one pipeline call (the pipeline takes these per call)."""
+        return (
+            self.height,
+            self.width,
+            self.num_frames,
+            self.num_inference_steps,
+            tuple(self.sigmas) if self.sigmas else None,
+            self.min_guidance_scale,
+            self.max_guidance_scale,
+            self.fps,
+            self.motion_bucket_id,
+            self.noise_aug_strength,
+            self.decode_chunk_size,
+            self.latents,
+        )
+
+
+RENDER_FIELDS = tuple(RenderParams.model_fields)
+
+Tags = dict[str, str | int | float | bool | None]
+
+
+class _ManifestCore(Strict):
+    id: Annotated[str, Field(min_length=1, max_length=1024)]
+    image: Annotated[str, Field(min_length=1)]
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    tags: Tags = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _printable_id(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("id contains a NUL byte; use printable characters")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RENDER_FIELDS if getattr(self, name) is not None}
+
+
+def _optional(annotation: Any, constraints: list[Any]) -> Any:
+    constrained = Annotated[annotation, *constraints] if constraints else annotation
+    return constrained | None
+
+
+# A manifest row may override any render parameter; the overrides carry RenderParams' own
+# constraints, so a row is checked exactly as strictly as the job's defaults.
+ManifestRow = create_model(
+    "ManifestRow",
+    __base__=_ManifestCore,
+    __doc__="One manifest row: an id, an image, and optional overrides of the job's defaults.",
+    **{name: (_optional(field.annotation, field.metadata), None) for name, field in RenderParams.model_fields.items()},
+)
+
+
+class ModelSpec(Strict):
+    path: Path
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    variant: str | None = None  # e.g. "fp16": load diffusion_pytorch_model.fp16.safetensors
+    forward_chunking: bool = False
+    mode: Literal["pynative", "graph"] = "pynative"
+
+
+class WorkersSpec(Strict):
+    count: Annotated[int, Field(gt=0)] = 1
+    device: Literal["cpu", "npu"] = "cpu"
+    # Logical CPUs each worker reserves. A CPU-device worker computes on CPUs, but if the
+    # workers hold every CPU, Ray Data's own tasks never get one and the job hangs.
+    cpus_per_worker: Annotated[float, Field(ge=0)] = 0.5
+    batch_size: Annotated[int, Field(gt=0, le=64)] = 4  # rows per pipeline call, at most
+    max_attempts: Annotated[int, Field(gt=0, le=10)] = 3  # per row, across worker crashes
+
+
+class JobSpec(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    manifest: str
+    output: str
+    metadata: str | None = None  # default: <output>/metadata
+    model: ModelSpec
+    defaults: RenderParams = RenderParams()
+    formats: Annotated[list[Format], Field(min_length=1)] = [Format.mp4]
+    workers: WorkersSpec = WorkersSpec()
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+
+    @property
+    def metadata_uri(self) -> str:
+        return self.metadata or self.output.rstrip("/") + "/metadata"
+
+
+class WorkItem(BaseModel):
+    """One video to make: what the driver hands a worker (small; crosses Ray's object store)."""
+
+    job: str
+    run_id: str
+    id: str
+    video_index: int
+    key: str
+    image: str  # resolved: absolute path or s3:// URI
+    seed: int
+    params: RenderParams
+    tags: str | None = None
+
+
+class Status(StrEnum):
+    ok = "ok"
+    failed = "failed"
+    skipped = "skipped"
+
+
+class ResultRow(BaseModel):
+    """One metadata row per output video; its fields are the Parquet columns."""
+
+    model_config = ConfigDict(use_enum_values=True)
+
+    job: str
+    run_id: str
+    id: str
+    video_index: int
+    key: str  # deterministic output key (without extension); the resume index
+    status: Status
+    error: str | None = None
+    mp4_uri: str | None = None
+    gif_uri: str | None = None
+    webp_uri: str | None = None
+    png_uri: str | None = None  # prefix of the numbered frame files
+    seed: int | None = None
+    params: RenderParams | None = None
+    image: str
+    input_width: int | None = None
+    input_height: int | None = None
+    input_sha256: str | None = None
+    model_path: str | None = None
+    model_sha256: str | None = None
+    load_s: float | None = None
+    denoise_s: float | None = None
+    decode_s: float | None = None
+    encode_s: float | None = None
+    upload_s: float | None = None
+    node: str | None = None
+    device: str | None = None
+    attempt: int = 1
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    tags: str | None = None  # JSON: free-form keys differ per row, so one column holds them
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (Union, types.UnionType):
+        if len(args) != 1:
+            raise TypeError(f"cannot derive an Arrow type for {annotation}")
+        return _arrow_type(args[0])
+    if origin is Annotated:
+        return _arrow_type(args[0])
+    if origin is Literal:
+        return pa.string()
+    if origin is list:
+        return pa.list_(_arrow_type(args[0]))
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return pa.struct([pa.field(n, _arrow_type(f.annotation)) for n, f in annotation.model_fields.items()])
+        if issubclass(annotation, Enum) or issubclass(annotation, (str, Path)):
+            return pa.string()
+        if issubclass(annotation, bool):
+            return pa.bool_()
+        if issubclass(annotation, int):
+            return pa.int64()
+        if issubclass(annotation, float):
+            return pa.float64()
+        if issubclass(annotation, dt.datetime):
+            return pa.timestamp("us", tz="UTC")
+    raise TypeError(f"cannot derive an Arrow type for {annotation}")
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    return pa.schema([pa.field(name, _arrow_type(f.annotation)) for name, f in model.model_fields.items()])
+
+
+RESULT_SCHEMA = arrow_schema(ResultRow)
+
+
+def did_you_mean(name: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(model.model_fields)}"
+
+
+def explain(error: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """(field, reason with a fix) for each problem pydantic found."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(row)"
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, item["loc"][:-1])
+            reason = f"unknown field{did_you_mean(str(item['loc'][-1]), owner)}"
+        else:
+            reason = item["msg"]
+            if item["type"] not in ("value_error", "assertion_error") and "input" in item:
+                reason += f" (got {item['input']!r:.60})"
+        problems.append((field, reason))
+    return problems
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = field.annotation
+        candidates = [a for a in typing.get_args(inner) if isinstance(a, type)] or [inner]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return model

@@ -1,0 +1,214 @@
+"""`file://` and `s3://` storage: atomic puts, multipart uploads, retries with backoff.
+
+S3 endpoints and credentials come from the standard AWS environment and config files
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...), so MinIO, Ceph and other S3
+servers work unchanged. Keys are always relative to the storage root and can never climb
+out of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after its retries; the message names the URI."""
+
+
+def _safe_key(key: str) -> str:
+    path = PurePosixPath(key)
+    if not key or "\x00" in key or path.is_absolute() or ".." in path.parts:
+        raise StorageError(f"refusing key {key!r}: keys must stay inside the output prefix")
+    return str(path)
+
+
+@functools.cache
+def _s3_client():  # type: ignore[no-untyped-def]
+    import boto3
+    from botocore.config import Config
+
+    # botocore's "standard" mode retries throttling (SlowDown) and 5xx with exponential
+    # backoff and jitter; "adaptive" would add client-side rate limiting on top.
+    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _transfer_config():  # type: ignore[no-untyped-def]
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+
+@dataclass(frozen=True)
+class LocalStorage:
+    root: Path
+
+    def uri(self, key: str) -> str:
+        return (self.root / _safe_key(key)).as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _safe_key(key)
+
+    def _atomic(self, key: str, write: callable) -> str:  # type: ignore[valid-type]
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target and rename: readers see the whole file or nothing.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.uri(key)
+
+    def put_file(self, local: Path, key: str) -> str:
+        return self._atomic(key, lambda handle: handle.write(local.read_bytes()))
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        return self._atomic(key, lambda handle: handle.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root.as_uri()} is not writable; fix its permissions or choose another output")
+
+
+@dataclass(frozen=True)
+class S3Storage:
+    bucket: str
+    prefix: str
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{_safe_key(key)}" if self.prefix else _safe_key(key)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_file(self, local: Path, key: str) -> str:
+        try:
+            # upload_file switches to multipart above the threshold; S3 shows an object only
+            # once it is complete, so no half-written video is ever visible under its key.
+            _s3_client().upload_file(str(local), self.bucket, self._key(key), Config=_transfer_config())
+        except Exception as exc:
+            raise StorageError(f"upload to {self.uri(key)} failed: {_reason(exc)}") from exc
+        return self.uri(key)
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        try:
+            _s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise StorageError(f"upload to {self.uri(key)} failed: {_reason(exc)}") from exc
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        return read_uri(self.uri(key))
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        try:
+            for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        except Exception as exc:
+            raise StorageError(f"listing s3://{self.bucket}/{full} failed: {_reason(exc)}") from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        _s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def check(self) -> None:
+        try:
+            _s3_client().head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise StorageError(
+                f"s3://{self.bucket} is not reachable: {_reason(exc)}; check AWS_ENDPOINT_URL, credentials "
+                "and that the bucket exists"
+            ) from exc
+
+
+Storage = LocalStorage | S3Storage
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def open_storage(uri: str, base: Path | None = None) -> Storage:
+    """`s3://bucket/prefix`, `file:///abs/dir`, or a plain path (relative to `base`)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"))
+    return LocalStorage(local_path(uri, base))
+
+
+def local_path(uri: str, base: Path | None = None) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
+    elif parsed.scheme in ("",) or len(parsed.scheme) == 1:  # plain path (or a Windows drive)
+        path = Path(uri)
+    else:
+        raise StorageError(f"{uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path.expanduser().resolve()
+
+
+def read_uri(uri: str, base: Path | None = None) -> bytes:
+    """Bytes of a local path or `s3://` object; errors say which and why."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        try:
+            body = _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
+            return body.read()
+        except Exception as exc:
+            raise StorageError(f"cannot read {uri}: {_reason(exc)}") from exc
+    path = local_path(uri, base)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StorageError(
+            f"{path} does not exist; fix the path (relative paths resolve against the manifest)"
+        ) from None
+    except PermissionError:
+        raise StorageError(f"{path} is not readable (permission denied); fix its permissions") from None
+    except IsADirectoryError:
+        raise StorageError(f"{path} is a directory, not a file") from None
+
+
+def join_uri(base: str, relative: str) -> str:
+    """Resolve a manifest-relative reference against the manifest's own location."""
+    if urlparse(relative).scheme in ("s3", "file") or relative.startswith("/"):
+        return relative
+    parsed = urlparse(base)
+    if parsed.scheme == "s3":
+        parent = parsed.path.rsplit("/", 1)[0]
+        return f"s3://{parsed.netloc}{parent}/{relative}"
+    return str(local_path(base).parent / relative)

@@ -1,0 +1,174 @@
+"""The worker: owns one device, loads the pipeline once, turns work items into result rows.
+
+Frames and videos never leave the worker: they are encoded and uploaded here, and only the
+small metadata rows go back to the driver. `RowWorker` is plain Python (the `render` command
+runs it in-process); `RayWorker` is the Ray Data callable wrapped around it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from svd_batch.encode import encode
+from svd_batch.engine.loader import load_pipeline
+from svd_batch.engine.renderer import RenderedVideo, Renderer, VideoRequest
+from svd_batch.images import load_image
+from svd_batch.schema import RESULT_SCHEMA, JobSpec, ResultRow, Status, WorkItem
+from svd_batch.storage import open_storage, read_uri
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class _Prepared:
+    item: WorkItem
+    row: ResultRow
+    request: VideoRequest | None = None
+
+
+class RowWorker:
+    def __init__(self, spec: JobSpec, base: Path | None = None) -> None:
+        started = time.perf_counter()
+        self.spec = spec
+        self.model = load_pipeline(spec.model, spec.workers.device)
+        self.renderer = Renderer(self.model, max_batch=spec.workers.batch_size)
+        self.storage = open_storage(spec.output, base)
+        self.node = socket.gethostname()
+        self.load_s = time.perf_counter() - started
+        self._loads_reported = False
+
+    def process(self, items: Sequence[WorkItem], attempt: int = 1) -> list[ResultRow]:
+        """One result row per item, in order; a bad item never costs another its video."""
+        prepared = [self._prepare(item, attempt) for item in items]
+        ready = [p for p in prepared if p.request is not None]
+        for p, video in zip(ready, self._render([p.request for p in ready]), strict=True):
+            if isinstance(video, Exception):
+                self._fail(p.row, f"render: {_one_line(video)}")
+            else:
+                self._write(p, video)
+        return [p.row for p in prepared]
+
+    def _prepare(self, item: WorkItem, attempt: int) -> _Prepared:
+        row = ResultRow(
+            job=item.job,
+            run_id=item.run_id,
+            id=item.id,
+            video_index=item.video_index,
+            key=item.key,
+            status=Status.failed,
+            seed=item.seed,
+            params=item.params,
+            image=item.image,
+            tags=item.tags,
+            model_path=self.model.path,
+            model_sha256=self.model.sha256,
+            node=self.node,
+            device=self.model.device,
+            attempt=attempt,
+            started_at=_now(),
+        )
+        if not self._loads_reported:
+            # The model load belongs to the first row this worker makes, not to every row.
+            row.load_s, self._loads_reported = self.load_s, True
+        try:
+            params = self.renderer.resolve(item.params)
+            row.params = params
+            image = load_image(read_uri(item.image), params.width, params.height, params.fit)
+            row.input_width, row.input_height, row.input_sha256 = image.width, image.height, image.sha256
+            latents = None
+            if params.latents is not None:
+                latents = np.load(io.BytesIO(read_uri(params.latents)), allow_pickle=False)
+            return _Prepared(item, row, VideoRequest(image.image, params, item.seed, latents))
+        except Exception as exc:
+            field = "image" if row.input_sha256 is None else "params"
+            self._fail(row, f"{field}: {_one_line(exc)}")
+            return _Prepared(item, row)
+
+    def _render(self, requests: list[VideoRequest]) -> list[RenderedVideo | Exception]:
+        if not requests:
+            return []
+        try:
+            return list(self.renderer.render(requests))
+        except Exception as exc:
+            if len(requests) == 1:
+                return [exc]
+        # A shared call failed: render each request alone so that only the culprit fails.
+        results: list[RenderedVideo | Exception] = []
+        for request in requests:
+            try:
+                results.extend(self.renderer.render([request]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _write(self, p: _Prepared, video: RenderedVideo) -> None:
+        row = p.row
+        row.denoise_s, row.decode_s = video.denoise_s, video.decode_s
+        try:
+            with tempfile.TemporaryDirectory(prefix="svd-batch-") as tmp:
+                started = time.perf_counter()
+                written = {
+                    fmt: encode(video.frames, fmt, p.item.params.export_fps, Path(tmp), "video")
+                    for fmt in self.spec.formats
+                }
+                row.encode_s = time.perf_counter() - started
+                started = time.perf_counter()
+                for fmt, files in written.items():
+                    uris = [self.storage.put_file(f, self._key(p.item.key, fmt, f)) for f in files]
+                    setattr(row, f"{fmt}_uri", uris[0] if len(uris) == 1 else uris[0].rsplit("/", 1)[0] + "/")
+                row.upload_s = time.perf_counter() - started
+        except Exception as exc:
+            self._fail(row, f"output: {_one_line(exc)}")
+            return
+        row.status, row.error, row.ended_at = Status.ok, None, _now()
+
+    @staticmethod
+    def _key(stem: str, fmt: str, file: Path) -> str:
+        if fmt == "png":
+            return f"{stem}.frames/{file.name}"
+        return f"{stem}{file.suffix}"
+
+    @staticmethod
+    def _fail(row: ResultRow, error: str) -> None:
+        row.status, row.error, row.ended_at = Status.failed, f"row id {row.id!r}: {error}", _now()
+
+
+def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
+    return pa.Table.from_pylist([r.model_dump() for r in rows], schema=RESULT_SCHEMA)
+
+
+def items_from_table(table: pa.Table) -> list[WorkItem]:
+    return [WorkItem.model_validate(json.loads(raw)) for raw in table.column("item").to_pylist()]
+
+
+class RayWorker:
+    """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items."""
+
+    def __init__(self, spec_json: str, base: str | None) -> None:
+        import ray
+
+        context = ray.get_runtime_context()
+        # A restarted actor means the previous one died mid-batch: its rows are retries.
+        self.attempt = 2 if context.was_current_actor_reconstructed else 1
+        self.worker = RowWorker(JobSpec.model_validate_json(spec_json), Path(base) if base else None)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return rows_to_table(self.worker.process(items_from_table(batch), self.attempt))
