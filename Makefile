@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 demo: setup
+	$(PY) jobs/demo/make_inputs.py
 	@test -f .cache/tiny-svd/model_index.json || $(VENV)/bin/svd-batch tiny-model .cache/tiny-svd
 	$(VENV)/bin/svd-batch run jobs/demo/job.yaml
 

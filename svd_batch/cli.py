@@ -6,11 +6,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from svd_batch.schema import JobSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -146,6 +149,81 @@ def render(
             err.print(f"[red]failed[/] {row.error}", highlight=False)
     if any(r.status != "ok" for r in rows):
         raise typer.Exit(1)
+
+
+@app.command("validate")
+def validate_command(
+    job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+) -> None:
+    """Check the spec and every manifest row without rendering; list every bad row."""
+    from svd_batch.driver import JobError, load_spec, validate
+    from svd_batch.storage import StorageError
+
+    try:
+        spec = load_spec(job)
+        problems = 0
+        for error in validate(spec):
+            problems += 1
+            out.print(f"row {error.line}  id={error.row_id!r}  {error.field}: {error.reason}", highlight=False)
+    except (JobError, StorageError) as exc:
+        raise fail(str(exc)) from None
+    if problems:
+        raise fail(f"{problems} bad row(s) in {spec.manifest}", code=1)
+    out.print(f"{job}: spec and manifest are valid")
+
+
+@app.command()
+def run(
+    job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else local).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Render again the rows that failed in earlier runs.")] = False,
+) -> None:
+    """Run a job on Ray: render every row not done yet; exit 0 all ok, 1 rows failed, 2 cannot start."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, exit_code, load_spec
+
+    try:
+        spec = load_spec(job)
+    except JobError as exc:
+        raise fail(str(exc), EXIT_CANNOT_START) from None
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeRemainingColumn(),
+    )
+    started = time.monotonic()
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(spec.name, total=None, detail="planning")
+
+        def show(counts: dict[str, int], total: int) -> None:
+            finished = sum(counts.values())
+            minutes = max((time.monotonic() - started) / 60, 1e-9)
+            rate = counts.get("ok", 0) / minutes
+            detail = f"ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  skipped {counts.get('skipped', 0)}"
+            bar.update(task, total=total, completed=finished, detail=f"{detail}  {rate:.1f} videos/min")
+
+        runner = Job(spec, retry_failed=retry_failed, address=address, progress=show)
+        try:
+            counts = runner.run()
+        except JobError as exc:
+            raise fail(str(exc), EXIT_CANNOT_START) from None
+    _summary(spec, runner.run_id, counts)
+    raise typer.Exit(exit_code(counts))
+
+
+def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}  run {run_id}")
+    for name in ("ok", "failed", "skipped"):
+        table.add_column(name, justify="right")
+    table.add_row(*(str(counts.get(n, 0)) for n in ("ok", "failed", "skipped")))
+    out.print(table)
+    out.print(f"videos:   {spec.output}")
+    out.print(f"metadata: {spec.metadata_uri}")
 
 
 def main() -> None:

@@ -1,0 +1,289 @@
+"""The job: spec -> plan -> Ray Data over an actor pool -> metadata, with progress and exit codes.
+
+1. load and check the spec, storage and model (exit 2 if the job cannot start)
+2. plan: stream the manifest, record bad rows and done rows, queue the rest
+3. render: Ray Data streams queued items through one actor per device
+4. commit each returned batch of result rows to Parquet as it arrives
+5. account for every queued item, write the status file, print the summary
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+from pydantic import ValidationError
+
+from svd_batch.engine.loader import ModelError, check_model_dir
+from svd_batch.manifest import read_rows
+from svd_batch.metadata import MetadataWriter, resume_index
+from svd_batch.plan import RowError, resolve
+from svd_batch.schema import JobSpec, ResultRow, Status, WorkItem, explain
+from svd_batch.storage import StorageError, local_path, open_storage
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START = 0, 1, 2
+WORKER_ENV = {
+    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+class JobError(RuntimeError):
+    """The job cannot start; the message is the one line the user sees."""
+
+
+def load_spec(path: Path) -> JobSpec:
+    """Safe YAML, strict pydantic; relative paths resolve against the spec's own folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such job spec") from None
+    except yaml.YAMLError as exc:
+        raise JobError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise JobError(f"{path}: a job spec is a mapping with name, manifest, output, model, ...")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        field, reason = explain(exc, JobSpec)[0]
+        raise JobError(f"{path}: {field}: {reason}") from None
+    base = path.resolve().parent
+
+    def anchor(uri: str) -> str:
+        return uri if "://" in uri else str(local_path(uri, base))
+
+    model = spec.model.model_copy(update={"path": local_path(str(spec.model.path), base)})
+    update: dict[str, Any] = {"manifest": anchor(spec.manifest), "output": anchor(spec.output), "model": model}
+    if spec.metadata:
+        update["metadata"] = anchor(spec.metadata)
+    return spec.model_copy(update=update)
+
+
+def new_run_id() -> str:
+    # Sorts chronologically, so "latest result per key" is the last part file that has it.
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _row_for(item: WorkItem, status: Status, error: str | None = None) -> ResultRow:
+    return ResultRow(
+        job=item.job,
+        run_id=item.run_id,
+        id=item.id,
+        video_index=item.video_index,
+        key=item.key,
+        status=status,
+        error=error,
+        seed=item.seed,
+        params=item.params,
+        image=item.image,
+        tags=item.tags,
+        ended_at=dt.datetime.now(dt.UTC),
+    )
+
+
+def _bad_row(spec: JobSpec, run_id: str, error: RowError) -> ResultRow:
+    return ResultRow(
+        job=spec.name,
+        run_id=run_id,
+        id=error.row_id or f"(row {error.line})",
+        video_index=0,
+        key=f"invalid/row-{error.line}",
+        status=Status.failed,
+        error=str(error),
+        image="",
+        ended_at=dt.datetime.now(dt.UTC),
+    )
+
+
+@dataclass
+class Plan:
+    queued: list[Any] = field(default_factory=list)  # ObjectRefs of Arrow tables of work items
+    queued_keys: set[str] = field(default_factory=set)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def validate(spec: JobSpec) -> Iterator[RowError]:
+    """Every problem in the manifest, without rendering anything."""
+    for number, row in read_rows(spec.manifest):
+        if isinstance(row, RowError):
+            yield row
+            continue
+        try:
+            resolve(row, number, spec, spec.manifest, "validate")
+        except RowError as exc:
+            yield exc
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    retry_failed: bool = False
+    address: str | None = None
+    run_id: str = field(default_factory=new_run_id)
+    progress: Any = None  # callable(counts: Counter, total: int) for live progress
+    status_every: float = 2.0
+    _started: float = field(default_factory=time.monotonic)
+    _last_status: float = 0.0
+
+    def _report(self, plan: Plan, total: int, state: str, force: bool = False) -> None:
+        if self.progress:
+            self.progress(plan.counts, total)
+        now = time.monotonic()
+        if force or now - self._last_status >= self.status_every:
+            self._last_status = now
+            document = {
+                "job": self.spec.name,
+                "run_id": self.run_id,
+                "state": state,
+                "total": total,
+                "counts": dict(plan.counts),
+                "elapsed_s": round(now - self._started, 1),
+                "output": self.spec.output,
+                "metadata": self.spec.metadata_uri,
+                "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+            }
+            # Beside the part files; the leading underscore keeps dataset readers off it.
+            self.meta.put_bytes(json.dumps(document, indent=2).encode(), "_status.json")
+
+    def start(self) -> None:
+        """Everything that must hold before any row is touched (exit 2 otherwise)."""
+        self.output = open_storage(self.spec.output)
+        self.meta = open_storage(self.spec.metadata_uri)
+        try:
+            self.output.check()
+            self.meta.check()
+        except StorageError as exc:
+            raise JobError(str(exc)) from None
+        try:
+            check_model_dir(Path(self.spec.model.path), self.spec.model.variant)
+        except ModelError as exc:
+            raise JobError(f"model.path: {exc}") from None
+        self.index = resume_index(self.meta)
+        self.writer = MetadataWriter(self.meta, self.run_id)
+
+    def plan(self) -> Plan:
+        import ray
+
+        plan, chunk = Plan(), []
+        try:
+            for number, row in read_rows(self.spec.manifest):
+                if isinstance(row, RowError):
+                    self._record([_bad_row(self.spec, self.run_id, row)], plan)
+                    continue
+                try:
+                    items = resolve(row, number, self.spec, self.spec.manifest, self.run_id)
+                except RowError as exc:
+                    self._record([_bad_row(self.spec, self.run_id, exc)], plan)
+                    continue
+                for item in items:
+                    if item.key in self.index.done or (item.key in self.index.failed and not self.retry_failed):
+                        reason = None if item.key in self.index.done else "failed earlier; rerun with --retry-failed"
+                        self._record([_row_for(item, Status.skipped, reason)], plan)
+                        continue
+                    chunk.append(item.model_dump_json())
+                    plan.queued_keys.add(item.key)
+                    # One object per pipeline call: Ray Data gives a whole block to one actor,
+                    # so blocks of one batch let the pool share the work evenly.
+                    if len(chunk) == self.spec.workers.batch_size:
+                        plan.queued.append(ray.put(pa.table({"item": chunk})))
+                        chunk = []
+        except StorageError as exc:
+            raise JobError(str(exc)) from None
+        if chunk:
+            plan.queued.append(ray.put(pa.table({"item": chunk})))
+        return plan
+
+    def _record(self, rows: list[ResultRow], plan: Plan) -> None:
+        self.writer.add(rows)
+        plan.counts.update(r.status for r in rows)
+
+    def render(self, plan: Plan) -> None:
+        import ray
+
+        from svd_batch.worker import RayWorker
+
+        workers = self.spec.workers
+        resources = {"NPU": 1} if workers.device == "npu" else None
+        ds = ray.data.from_arrow_refs(plan.queued).map_batches(
+            RayWorker,
+            fn_constructor_kwargs={"spec_json": self.spec.model_dump_json(), "base": None},
+            batch_size=workers.batch_size,
+            batch_format="pyarrow",
+            concurrency=workers.count,
+            num_cpus=workers.cpus_per_worker,
+            resources=resources,
+            # A worker killed mid-batch is restarted and the batch retried, a bounded number
+            # of times; rows that exhaust it are marked failed below, never lost.
+            max_restarts=workers.max_attempts,
+            max_task_retries=workers.max_attempts - 1,
+        )
+        total = sum(plan.counts.values()) + len(plan.queued_keys)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            self.writer.add(batch)
+            statuses = batch.column("status").to_pylist()
+            plan.counts.update(statuses)
+            plan.queued_keys.difference_update(batch.column("key").to_pylist())
+            self._report(plan, total, "running")
+
+    def run(self) -> Counter[str]:
+        import ray
+
+        self.start()
+        ray.init(
+            address=self.address or os.environ.get("RAY_ADDRESS"),
+            runtime_env={"env_vars": WORKER_ENV},
+            include_dashboard=False if not (self.address or os.environ.get("RAY_ADDRESS")) else None,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        plan = self.plan()
+        total = sum(plan.counts.values()) + len(plan.queued_keys)
+        state = "failed"
+        try:
+            if plan.queued:
+                self.render(plan)
+            state = "finished"
+        finally:
+            self._account(plan)
+            self.writer.flush()
+            self._report(plan, total, state, force=True)
+        return plan.counts
+
+    def _account(self, plan: Plan) -> None:
+        """Rows queued but never returned (workers kept dying on them) end as failed rows."""
+        if not plan.queued_keys:
+            return
+        lost = [
+            ResultRow(
+                job=self.spec.name,
+                run_id=self.run_id,
+                id=key,
+                video_index=0,
+                key=key,
+                status=Status.failed,
+                error=f"key {key}: no worker finished it after {self.spec.workers.max_attempts} attempts; "
+                "rerun with --retry-failed",
+                image="",
+                ended_at=dt.datetime.now(dt.UTC),
+            )
+            for key in sorted(plan.queued_keys)
+        ]
+        self._record(lost, plan)
+
+
+def exit_code(counts: Counter[str]) -> int:
+    return EXIT_FAILED_ROWS if counts.get(Status.failed, 0) else EXIT_OK

@@ -1,0 +1,141 @@
+"""Stream manifest rows (JSONL, CSV or Parquet; local or s3://) and validate each one.
+
+Rows are read one at a time, so a manifest of millions of rows never sits whole in memory.
+Every problem is reported as a RowError naming the row number, the id, the field and a fix;
+a bad row never stops the rows after it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from svd_batch.plan import RowError
+from svd_batch.schema import ManifestRow, explain
+from svd_batch.storage import StorageError, _s3_client, local_path
+
+PARQUET_BATCH = 4096
+Raw = dict[str, Any] | RowError
+
+
+@contextmanager
+def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        try:
+            body = _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
+        except Exception as exc:
+            raise StorageError(f"cannot read manifest {uri}: {str(exc).splitlines()[0]}") from exc
+        try:
+            yield body
+        finally:
+            body.close()
+        return
+    path = local_path(uri)
+    if not path.is_file():
+        raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
+    with path.open("rb") as handle:
+        yield handle
+
+
+def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
+    # utf-8-sig drops a byte-order mark; newline=None accepts \n, \r\n and \r alike.
+    for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, RowError(number, None, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(value, dict):
+            yield number, RowError(number, None, "(line)", 'a row must be a JSON object: {"id": ..., "image": ...}')
+            continue
+        yield number, value
+
+
+def _csv_cell(value: str | None) -> Any:
+    if value is None or value == "":
+        return None
+    if value[:1] in "[{":  # lists (sigmas) and objects (tags) are written as JSON in a cell
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(text)
+    for record in reader:
+        number = reader.line_num  # the physical line, so quoted multi-line cells still point right
+        if None in record:
+            yield (
+                number,
+                RowError(number, record.get("id"), "(line)", "more cells than columns; quote cells with commas"),
+            )
+            continue
+        cells = {key: _csv_cell(value) for key, value in record.items()}
+        yield number, {key: value for key, value in cells.items() if value is not None}
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, Raw]]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
+        for record in batch.to_pylist():
+            number += 1
+            yield number, {key: value for key, value in record.items() if value is not None}
+
+
+def read_raw(uri: str) -> Iterator[tuple[int, Raw]]:
+    """(row number, raw row or the reason it could not be parsed), streaming."""
+    suffix = Path(urlparse(uri).path).suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+        raise StorageError(f"manifest {uri}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
+    with _binary(uri) as stream:
+        if suffix == ".parquet":
+            with tempfile.NamedTemporaryFile(suffix=".parquet") as local:
+                # Parquet needs random access; fetch once, then read it batch by batch.
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    local.write(chunk)
+                local.flush()
+                yield from _parquet(Path(local.name))
+        elif suffix == ".csv":
+            yield from _csv(stream)
+        else:
+            yield from _jsonl(stream)
+
+
+def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
+    """Validated rows; the second occurrence of an id is an error, never a silent overwrite."""
+    seen: set[str] = set()
+    for number, raw in read_raw(uri):
+        if isinstance(raw, RowError):
+            yield number, raw
+            continue
+        row_id = raw.get("id")
+        if isinstance(row_id, int):
+            raw["id"] = row_id = str(row_id)
+        try:
+            row = ManifestRow.model_validate(raw)
+        except ValidationError as exc:
+            field, reason = explain(exc, ManifestRow)[0]
+            yield number, RowError(number, row_id if isinstance(row_id, str) else None, field, reason)
+            continue
+        if row.id in seen:
+            yield number, RowError(number, row.id, "id", "duplicate id; every row needs its own id")
+            continue
+        seen.add(row.id)
+        yield number, row
