@@ -43,3 +43,61 @@ def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), mode
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(noisy, "RGB").convert(mode).save(path)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():  # type: ignore[no-untyped-def]
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), for the whole session.
+
+    Its address and credentials go into the environment before the Ray cluster starts, so
+    the workers reach it the way production workers reach theirs: the standard AWS variables.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    os.environ.update(env)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str):  # type: ignore[no-untyped-def]
+    """One local Ray cluster shared by the job tests (started after S3, so workers see it)."""
+    import ray
+
+    from svd_batch.driver import WORKER_ENV
+
+    # 2 real cores; 4 logical CPUs leave room for Ray Data's own tasks beside 2 workers.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    yield ray
+    ray.shutdown()

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 def picture(seed: int, size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(seed)
     w, h = size
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    yy = np.mgrid[0:h, 0:w][0] / max(w, h)
     sky = np.stack([80 + 120 * yy, 120 + 100 * yy, 200 - 60 * yy], -1) + rng.normal(0, 6, (h, w, 3))
     img = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)

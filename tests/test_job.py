@@ -1,0 +1,216 @@
+"""Jobs on a real local Ray cluster: manifests in, videos to storage, Parquet out, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import duckdb
+import pandas as pd
+import pytest
+import yaml
+
+from svd_batch.driver import Job, load_spec
+from svd_batch.metadata import read_table
+from svd_batch.storage import open_storage
+from tests.conftest import FAST, make_image
+
+
+def write_job(folder: Path, rows: list[dict], model: Path, **spec: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    document = {
+        "name": "t",
+        "manifest": "manifest.jsonl",
+        "output": "outputs",
+        "model": {"path": str(model)},
+        "defaults": FAST,
+        "formats": ["mp4"],
+        "workers": {"count": 1, "batch_size": 2},
+        "seed": 3,
+        **spec,
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(document))
+    return folder / "job.yaml"
+
+
+def results(spec_path: Path) -> pd.DataFrame:
+    spec = load_spec(spec_path)
+    return read_table(open_storage(spec.metadata_uri)).to_pandas()
+
+
+def run_job(spec_path: Path, **kwargs: object) -> Counter[str]:
+    return Job(load_spec(spec_path), **kwargs).run()
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_cluster: object) -> Path:
+    folder = tmp_path_factory.mktemp("job")
+    for i in range(3):
+        make_image(folder / "img" / f"{i}.png", seed=i)
+    (folder / "img" / "text.png").write_text("not an image")
+    rows = [
+        {"id": "a", "image": "img/0.png", "tags": {"k": "v"}},
+        {"id": "b", "image": "img/1.png", "motion_bucket_id": 40},
+        {"id": "c", "image": "img/2.png", "seed": 99, "num_videos_per_prompt": 2},
+        {"id": "bad-image", "image": "img/text.png"},
+        {"id": "bad-field", "image": "img/0.png", "motion_bucket": 3},
+    ]
+    spec = write_job(folder, rows, tiny_model)
+    assert run_job(spec) == Counter(ok=4, failed=2)
+    return spec
+
+
+def test_every_row_ends_as_one_metadata_row_per_video(local_job: Path) -> None:
+    df = results(local_job)
+    assert sorted(zip(df.id, df.video_index, df.status, strict=True)) == [
+        ("a", 0, "ok"),
+        ("b", 0, "ok"),
+        ("bad-field", 0, "failed"),
+        ("bad-image", 0, "failed"),
+        ("c", 0, "ok"),
+        ("c", 1, "ok"),
+    ]
+    ok = df[df.status == "ok"]
+    for uri in ok.mp4_uri:
+        assert Path(uri.removeprefix("file://")).stat().st_size > 0
+    assert ok.mp4_uri.is_unique
+    c = ok[ok.id == "c"].sort_values("video_index")
+    assert c.seed.tolist() == [99, 100]  # video v of a row uses seed + v
+    a = ok[ok.id == "a"].iloc[0]
+    assert a.params["motion_bucket_id"] == 127 and a.params["height"] == 32
+    assert json.loads(a.tags) == {"k": "v"}
+    assert len(a.model_sha256) == 64 and len(a.input_sha256) == 64 and a.input_width == 48
+    assert a.denoise_s > 0 and a.encode_s > 0 and a.device == "cpu" and a.attempt == 1
+
+
+def test_failures_name_row_field_and_fix(local_job: Path) -> None:
+    df = results(local_job).set_index("id")
+    assert "did you mean 'motion_bucket_id'" in df.loc["bad-field", "error"]
+    assert "row 5" in df.loc["bad-field", "error"]
+    assert "bad-image" in df.loc["bad-image", "error"] and "image:" in df.loc["bad-image", "error"]
+
+
+def test_metadata_reads_as_one_dataset_everywhere(local_job: Path) -> None:
+    folder = load_spec(local_job).metadata_uri
+    assert len(pd.read_parquet(folder)) == 6
+    count = duckdb.sql(f"select count(*) from read_parquet('{folder}/*.parquet')").fetchall()[0]
+    assert count == (6,)
+
+
+def test_rerun_renders_nothing_done_and_retry_failed_retries(local_job: Path) -> None:
+    # the invalid manifest row is reported on every run until the manifest is fixed
+    assert run_job(local_job) == Counter(skipped=5, failed=1)
+    assert run_job(local_job, retry_failed=True) == Counter(skipped=4, failed=2)
+
+
+def test_changing_a_parameter_rerenders_only_that_row(local_job: Path) -> None:
+    manifest = local_job.parent / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["motion_bucket_id"] = 41
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_job(local_job) == Counter(ok=1, skipped=4, failed=1)
+    latest = results(local_job).sort_values("run_id").groupby(["id", "video_index"]).last()
+    assert latest.loc[("b", 0), "params"]["motion_bucket_id"] == 41
+
+
+def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="inputs")
+    s3.create_bucket(Bucket="outputs")
+    for i in range(2):
+        s3.put_object(
+            Bucket="inputs", Key=f"m/img/{i}.png", Body=make_image(tmp_path / f"{i}.png", seed=i).read_bytes()
+        )
+    rows = [
+        {"id": "x", "image": "img/0.png"},
+        {"id": "y", "image": "s3://inputs/m/img/1.png"},
+        {"id": "gone", "image": "img/missing.png"},
+    ]
+    s3.put_object(Bucket="inputs", Key="m/manifest.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    spec = write_job(
+        tmp_path / "job", [], tiny_model, manifest="s3://inputs/m/manifest.jsonl", output="s3://outputs/run"
+    )
+    assert run_job(spec) == Counter(ok=2, failed=1)
+    df = results(spec).set_index("id")
+    assert df.loc["x", "mp4_uri"].startswith("s3://outputs/run/videos/x-")
+    key = df.loc["x", "mp4_uri"].removeprefix("s3://outputs/")
+    assert s3.head_object(Bucket="outputs", Key=key)["ContentLength"] > 0
+    assert "missing.png" in df.loc["gone", "error"]
+    assert any(o["Key"].startswith("run/metadata/part-") for o in s3.list_objects_v2(Bucket="outputs")["Contents"])
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "svd_batch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_validate_lists_every_bad_row(tmp_path: Path, tiny_model: Path) -> None:
+    rows = [
+        {"id": "ok", "image": "a.png"},
+        {"id": "h", "image": "a.png", "height": 30},
+        {"id": "ok", "image": "b.png"},
+        {"id": "g", "image": "a.png", "min_guidance_scale": 5},
+    ]
+    spec = write_job(tmp_path, rows, tiny_model)
+    with (tmp_path / "manifest.jsonl").open("a") as f:
+        f.write("{not json\n")
+    done = cli("validate", str(spec))
+    assert done.returncode == 1
+    assert "row 2  id='h'  height: Input should be a multiple of 8" in done.stdout
+    assert "row 3  id='ok'  id: duplicate id" in done.stdout
+    assert "row 4  id='g'" in done.stdout and "set min <= max" in done.stdout
+    assert "row 5" in done.stdout and "not valid JSON" in done.stdout
+
+
+def test_unknown_spec_key_and_unreachable_storage_exit_2(tmp_path: Path, tiny_model: Path) -> None:
+    spec = write_job(tmp_path, [], tiny_model, workerz={"count": 1})
+    done = cli("run", str(spec))
+    assert done.returncode == 2 and "did you mean 'workers'" in done.stderr
+    spec = write_job(tmp_path, [], tiny_model, output="s3://nowhere/x")
+    done = cli("run", str(spec), env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"})
+    assert done.returncode == 2 and "s3://nowhere is not reachable" in done.stderr
+
+
+def worker_pids() -> list[int]:
+    import psutil
+
+    # Ray titles actor processes "ray::MapWorker(MapBatches(RayWorker))..."
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_render_loses_and_duplicates_nothing(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    for i in range(6):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+    rows = [{"id": f"r{i}", "image": f"img/{i}.png"} for i in range(6)]
+    spec = write_job(tmp_path, rows, tiny_model, defaults={**FAST, "num_inference_steps": 4})
+    job = Job(load_spec(spec))
+    outcome: list[Counter[str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(job.run()))
+    thread.start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (pids := worker_pids()):
+        time.sleep(0.5)
+    time.sleep(25)  # past the model load, into the renders
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert outcome == [Counter(ok=6)]
+    df = results(spec)
+    assert sorted(df.id) == [f"r{i}" for i in range(6)]  # none lost, none twice
+    assert (df.attempt > 1).any()  # the rows of the killed worker were retried
