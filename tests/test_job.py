@@ -214,3 +214,30 @@ def test_worker_killed_mid_render_loses_and_duplicates_nothing(
     df = results(spec)
     assert sorted(df.id) == [f"r{i}" for i in range(6)]  # none lost, none twice
     assert (df.attempt > 1).any()  # the rows of the killed worker were retried
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_model: Path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    for i in range(8):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+    rows = [{"id": f"d{i}", "image": f"img/{i}.png"} for i in range(8)]
+    spec = write_job(tmp_path, rows, tiny_model, defaults={**FAST, "num_inference_steps": 3})
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metadata = Path(load_spec(spec).metadata_uri)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(metadata.glob("part-*.parquet")) and driver.poll() is None:
+        time.sleep(0.5)
+    driver.kill()  # SIGKILL: no cleanup, no final flush
+    driver.wait()
+    committed = results(spec)
+    assert 0 < (committed.status == "ok").sum() < 8  # it died mid-job, with some rows committed
+    counts = run_job(spec)
+    assert counts["ok"] + counts["skipped"] == 8 and counts["skipped"] == (committed.status == "ok").sum()
+    df = results(spec)
+    ok = df[df.status == "ok"]
+    assert sorted(ok.id) == [f"d{i}" for i in range(8)]  # every row exactly once
