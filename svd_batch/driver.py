@@ -76,20 +76,7 @@ def new_run_id() -> str:
 
 
 def _row_for(item: WorkItem, status: Status, error: str | None = None) -> ResultRow:
-    return ResultRow(
-        job=item.job,
-        run_id=item.run_id,
-        id=item.id,
-        video_index=item.video_index,
-        key=item.key,
-        status=status,
-        error=error,
-        seed=item.seed,
-        params=item.params,
-        image=item.image,
-        tags=item.tags,
-        ended_at=dt.datetime.now(dt.UTC),
-    )
+    return ResultRow.for_item(item, status, error=error, ended_at=dt.datetime.now(dt.UTC))
 
 
 def _bad_row(spec: JobSpec, run_id: str, error: RowError) -> ResultRow:

@@ -215,6 +215,22 @@ class ResultRow(BaseModel):
     ended_at: dt.datetime | None = None
     tags: str | None = None  # JSON: free-form keys differ per row, so one column holds them
 
+    @classmethod
+    def for_item(cls, item: WorkItem, status: Status, **fields: Any) -> ResultRow:
+        return cls(
+            job=item.job,
+            run_id=item.run_id,
+            id=item.id,
+            video_index=item.video_index,
+            key=item.key,
+            status=status,
+            seed=item.seed,
+            params=item.params,
+            image=item.image,
+            tags=item.tags,
+            **fields,
+        )
+
 
 def _arrow_type(annotation: Any) -> pa.DataType:
     origin = typing.get_origin(annotation)

@@ -67,17 +67,9 @@ class RowWorker:
         return [p.row for p in prepared]
 
     def _prepare(self, item: WorkItem, attempt: int) -> _Prepared:
-        row = ResultRow(
-            job=item.job,
-            run_id=item.run_id,
-            id=item.id,
-            video_index=item.video_index,
-            key=item.key,
-            status=Status.failed,
-            seed=item.seed,
-            params=item.params,
-            image=item.image,
-            tags=item.tags,
+        row = ResultRow.for_item(
+            item,
+            Status.failed,
             model_path=self.model.path,
             model_sha256=self.model.sha256,
             node=self.node,

@@ -11,6 +11,7 @@ Each adapter is tested against a numpy reference in `tests/test_cpu_ops.py`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,11 +59,11 @@ def _conv(
     n: int,
     input: Tensor,
     weight: Tensor,
-    bias: Tensor | None,
-    stride: IntOrTuple,
-    padding: str | IntOrTuple,
-    dilation: IntOrTuple,
-    groups: int,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: str | IntOrTuple = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
 ) -> Tensor:
     pad_mode, pads = _conv_padding(padding, n)
     out = op(input, weight, None, _tuple(stride, n), pad_mode, pads, _tuple(dilation, n), groups)
@@ -71,28 +72,9 @@ def _conv(
     return out
 
 
-def conv2d(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: IntOrTuple = 1,
-    padding: str | IntOrTuple = 0,
-    dilation: IntOrTuple = 1,
-    groups: int = 1,
-) -> Tensor:
-    return _conv(ops.conv2d, 2, input, weight, bias, stride, padding, dilation, groups)
-
-
-def conv3d(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: IntOrTuple = 1,
-    padding: str | IntOrTuple = 0,
-    dilation: IntOrTuple = 1,
-    groups: int = 1,
-) -> Tensor:
-    return _conv(ops.conv3d, 3, input, weight, bias, stride, padding, dilation, groups)
+# mint's signatures: (input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+conv2d = functools.partial(_conv, ops.conv2d, 2)
+conv3d = functools.partial(_conv, ops.conv3d, 3)
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
