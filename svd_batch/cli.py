@@ -211,6 +211,8 @@ def run(
         except JobError as exc:
             raise fail(str(exc), EXIT_CANNOT_START) from None
     _summary(spec, runner.run_id, counts)
+    if runner.stalled:
+        err.print(f"[bold red]stalled:[/] {runner.stalled}", highlight=False, soft_wrap=True)
     raise typer.Exit(exit_code(counts))
 
 

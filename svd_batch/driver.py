@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 from pydantic import ValidationError
+from ray.data.exceptions import ExecutionTimeoutError
 
 from svd_batch.engine.loader import ModelError, check_model_dir
 from svd_batch.manifest import read_rows
@@ -120,6 +121,7 @@ class Job:
     run_id: str = field(default_factory=new_run_id)
     progress: Any = None  # callable(counts: Counter, total: int) for live progress
     status_every: float = 2.0
+    stalled: str | None = None  # why the workers stopped making progress, if they did
     _started: float = field(default_factory=time.monotonic)
     _last_status: float = 0.0
 
@@ -201,27 +203,33 @@ class Job:
         from svd_batch.worker import RayWorker
 
         workers = self.spec.workers
-        resources = {"NPU": 1} if workers.device == "npu" else None
+        resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
         ds = ray.data.from_arrow_refs(plan.queued).map_batches(
             RayWorker,
-            fn_constructor_kwargs={"spec_json": self.spec.model_dump_json(), "base": None},
+            fn_constructor_kwargs={"spec_json": self.spec.model_dump_json()},
             batch_size=workers.batch_size,
             batch_format="pyarrow",
             concurrency=workers.count,
             num_cpus=workers.cpus_per_worker,
-            resources=resources,
+            resources=resources or None,
             # A worker killed mid-batch is restarted and the batch retried, a bounded number
             # of times; rows that exhaust it are marked failed below, never lost.
             max_restarts=workers.max_attempts,
             max_task_retries=workers.max_attempts - 1,
         )
         total = sum(plan.counts.values()) + len(plan.queued_keys)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            self.writer.add(batch)
-            statuses = batch.column("status").to_pylist()
-            plan.counts.update(statuses)
-            plan.queued_keys.difference_update(batch.column("key").to_pylist())
-            self._report(plan, total, "running")
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                self.writer.add(batch)
+                plan.counts.update(batch.column("status").to_pylist())
+                plan.queued_keys.difference_update(batch.column("key").to_pylist())
+                self._report(plan, total, "running")
+        except ExecutionTimeoutError:
+            wanted = {"CPU": workers.cpus_per_worker, **(resources or {})}
+            self.stalled = (
+                f"no worker made progress for {workers.no_progress_timeout_s:.0f} s; check that the cluster "
+                f"has {workers.count} x {wanted} free (`ray status`)"
+            )
 
     def run(self) -> Counter[str]:
         import ray
@@ -237,6 +245,7 @@ class Job:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        context.execution_no_progress_timeout_s = self.spec.workers.no_progress_timeout_s
         plan = self.plan()
         total = sum(plan.counts.values()) + len(plan.queued_keys)
         state = "failed"
@@ -262,8 +271,9 @@ class Job:
                 video_index=0,
                 key=key,
                 status=Status.failed,
-                error=f"key {key}: no worker finished it after {self.spec.workers.max_attempts} attempts; "
-                "rerun with --retry-failed",
+                error=f"key {key}: "
+                + (self.stalled or f"no worker finished it in {self.spec.workers.max_attempts} attempts")
+                + "; rerun with --retry-failed",
                 image="",
                 ended_at=dt.datetime.now(dt.UTC),
             )

@@ -141,6 +141,11 @@ class WorkersSpec(Strict):
     cpus_per_worker: Annotated[float, Field(ge=0)] = 0.5
     batch_size: Annotated[int, Field(gt=0, le=64)] = 4  # rows per pipeline call, at most
     max_attempts: Annotated[int, Field(gt=0, le=10)] = 3  # per row, across worker crashes
+    # Extra Ray resources each worker asks for, e.g. {"svd_slot": 1} to pin workers to a node pool.
+    resources: dict[str, float] = Field(default_factory=dict)
+    # A job whose workers produce nothing for this long (e.g. no node has the resources they
+    # ask for) stops and says so, instead of waiting forever.
+    no_progress_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
 
 class JobSpec(Strict):

@@ -45,12 +45,12 @@ class _Prepared:
 
 
 class RowWorker:
-    def __init__(self, spec: JobSpec, base: Path | None = None) -> None:
+    def __init__(self, spec: JobSpec) -> None:
         started = time.perf_counter()
         self.spec = spec
         self.model = load_pipeline(spec.model, spec.workers.device)
         self.renderer = Renderer(self.model, max_batch=spec.workers.batch_size)
-        self.storage = open_storage(spec.output, base)
+        self.storage = open_storage(spec.output)
         self.node = socket.gethostname()
         self.load_s = time.perf_counter() - started
         self._loads_reported = False
@@ -154,13 +154,14 @@ def items_from_table(table: pa.Table) -> list[WorkItem]:
 class RayWorker:
     """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items."""
 
-    def __init__(self, spec_json: str, base: str | None) -> None:
+    def __init__(self, spec_json: str) -> None:
         import ray
 
         context = ray.get_runtime_context()
         # A restarted actor means the previous one died mid-batch: its rows are retries.
         self.attempt = 2 if context.was_current_actor_reconstructed else 1
-        self.worker = RowWorker(JobSpec.model_validate_json(spec_json), Path(base) if base else None)
+        self.worker = RowWorker(JobSpec.model_validate_json(spec_json))
+        self.worker.node = f"{self.worker.node}/{context.get_node_id()[:12]}"  # host / Ray node
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return rows_to_table(self.worker.process(items_from_table(batch), self.attempt))

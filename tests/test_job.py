@@ -148,6 +148,16 @@ def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_serv
     assert any(o["Key"].startswith("run/metadata/part-") for o in s3.list_objects_v2(Bucket="outputs")["Contents"])
 
 
+def test_a_job_that_cannot_be_scheduled_says_so(tmp_path: Path, tiny_model: Path, ray_cluster: object) -> None:
+    make_image(tmp_path / "img" / "0.png")
+    workers = {"count": 1, "resources": {"no_such_accelerator": 1}, "no_progress_timeout_s": 5}
+    spec = write_job(tmp_path, [{"id": "z", "image": "img/0.png"}], tiny_model, workers=workers)
+    job = Job(load_spec(spec))
+    assert job.run() == Counter(failed=1)
+    assert "no worker made progress for 5 s" in job.stalled and "no_such_accelerator" in job.stalled
+    assert "no_such_accelerator" in results(spec).error.iloc[0]
+
+
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "svd_batch.cli", *args],
