@@ -212,10 +212,11 @@ class Job:
             concurrency=workers.count,
             num_cpus=workers.cpus_per_worker,
             resources=resources or None,
-            # A worker killed mid-batch is restarted and the batch retried, a bounded number
-            # of times; rows that exhaust it are marked failed below, never lost.
+            # A worker that dies mid-batch is restarted, at most max_attempts times, and its
+            # batch waits for it (a restart reloads the model). A worker that keeps dying on
+            # a row stays dead after that; its rows are accounted as failed, never lost.
             max_restarts=workers.max_attempts,
-            max_task_retries=workers.max_attempts - 1,
+            max_task_retries=-1,
         )
         total = sum(plan.counts.values()) + len(plan.queued_keys)
         try:
@@ -246,6 +247,11 @@ class Job:
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         context.execution_no_progress_timeout_s = self.spec.workers.no_progress_timeout_s
+        # A worker whose node dies mid-batch fails its task with ActorUnavailableError: retry it
+        # on the restarted worker (bounded by max_task_retries). A batch that still fails is
+        # skipped, not fatal: its rows are accounted as failed and the other rows go on.
+        context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
+        context.max_errored_blocks = -1
         plan = self.plan()
         total = sum(plan.counts.values()) + len(plan.queued_keys)
         state = "failed"

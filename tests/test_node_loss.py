@@ -1,0 +1,70 @@
+"""A node removed from a multi-node cluster mid-job: the job still ends with every row ok.
+
+`ray.cluster_utils.Cluster` starts real raylets on this machine; it needs a driver of its
+own, so the scenario runs in a subprocess beside the session's shared cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, make_image
+from tests.test_job import results, write_job
+
+
+def hosts_a_worker(node) -> bool:  # type: ignore[no-untyped-def]
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return any("RayWorker" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
+
+
+def scenario(spec_path: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from svd_batch.driver import WORKER_ENV, Job, load_spec
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Three worker nodes, one render slot each: two run workers, one is spare capacity.
+    nodes = [cluster.add_node(num_cpus=1, resources={"svd_slot": 1}) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    removed: list[str] = []
+
+    def progress(counts: Counter[str], total: int) -> None:
+        if removed or not counts.get("ok"):
+            return
+        victim = next(node for node in nodes if hosts_a_worker(node))
+        cluster.remove_node(victim, allow_graceful=False)
+        removed.append(victim.node_id)
+
+    job = Job(load_spec(Path(spec_path)), progress=progress)
+    counts = job.run()
+    print(json.dumps({"counts": counts, "removed": removed}))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_node_removed_mid_job_every_row_ok(tmp_path: Path, tiny_model: Path) -> None:
+    for i in range(8):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+    rows = [{"id": f"n{i}", "image": f"img/{i}.png"} for i in range(8)]
+    workers = {"count": 2, "batch_size": 1, "resources": {"svd_slot": 1}, "cpus_per_worker": 0.5}
+    spec = write_job(tmp_path, rows, tiny_model, workers=workers, defaults={**FAST, "num_inference_steps": 3})
+    code = f"from tests.test_node_loss import scenario; scenario({str(spec)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"counts"')))
+    assert len(outcome["removed"]) == 1  # a node that hosted a worker was removed mid-job
+    assert outcome["counts"] == {"ok": 8}, results(spec).error.dropna().tolist()
+    df = results(spec)
+    assert sorted(df[df.status == "ok"].id) == [f"n{i}" for i in range(8)]  # each row exactly once
+    assert df.node.nunique() >= 2
