@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PIP_CACHE_DIR := $(abspath $(VENV))/pip-cache
 export SVD_BATCH_CACHE := $(abspath .cache)
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test bench lint format clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bench.run
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -89,7 +89,7 @@ def render(
     """Render images to videos in this process (no Ray): a quick trial of a model and settings."""
     from pydantic import ValidationError
 
-    from svd_batch.plan import RowError, resolve
+    from svd_batch.plan import Planner, RowError
     from svd_batch.schema import JobSpec, ManifestRow, explain
     from svd_batch.worker import RowWorker
 
@@ -127,11 +127,11 @@ def render(
         field, reason = explain(exc, JobSpec)[0]
         raise fail(f"--{field.split('.')[-1].replace('_', '-')}: {reason}") from None
     items = []
-    base = str(Path.cwd() / "-")
+    planner = Planner(spec, str(Path.cwd() / "-"), "render")
     for number, image in enumerate(images, start=1):
         row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
         try:
-            items += resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number, spec, base, "render")
+            items += planner.resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number)
         except RowError as exc:
             raise fail(f"{image}: {exc.field}: {exc.reason}") from None
     from svd_batch.engine.loader import ModelError

@@ -27,8 +27,8 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 from svd_batch.engine.loader import ModelError, check_model_dir
 from svd_batch.manifest import read_rows
-from svd_batch.metadata import MetadataWriter, resume_index
-from svd_batch.plan import RowError, resolve
+from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
+from svd_batch.plan import Planner, RowError
 from svd_batch.schema import JobSpec, ResultRow, Status, WorkItem, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
@@ -103,12 +103,13 @@ class Plan:
 
 def validate(spec: JobSpec) -> Iterator[RowError]:
     """Every problem in the manifest, without rendering anything."""
+    planner = Planner(spec, spec.manifest, "validate")
     for number, row in read_rows(spec.manifest):
         if isinstance(row, RowError):
             yield row
             continue
         try:
-            resolve(row, number, spec, spec.manifest, "validate")
+            planner.resolve(row, number)
         except RowError as exc:
             yield exc
 
@@ -164,21 +165,25 @@ class Job:
     def plan(self) -> Plan:
         import ray
 
-        plan, chunk = Plan(), []
+        plan, chunk, skipped = Plan(), [], []
+        planner = Planner(self.spec, self.spec.manifest, self.run_id)
+        done, failed = self.index.done, self.index.failed
         try:
             for number, row in read_rows(self.spec.manifest):
-                if isinstance(row, RowError):
-                    self._record([_bad_row(self.spec, self.run_id, row)], plan)
-                    continue
                 try:
-                    items = resolve(row, number, self.spec, self.spec.manifest, self.run_id)
+                    if isinstance(row, RowError):
+                        raise row
+                    items = planner.resolve(row, number)
                 except RowError as exc:
-                    self._record([_bad_row(self.spec, self.run_id, exc)], plan)
+                    skipped.append(_bad_row(self.spec, self.run_id, exc))
                     continue
                 for item in items:
-                    if item.key in self.index.done or (item.key in self.index.failed and not self.retry_failed):
-                        reason = None if item.key in self.index.done else "failed earlier; rerun with --retry-failed"
-                        self._record([_row_for(item, Status.skipped, reason)], plan)
+                    if item.key in done or (item.key in failed and not self.retry_failed):
+                        reason = None if item.key in done else "failed earlier; rerun with --retry-failed"
+                        skipped.append(_row_for(item, Status.skipped, reason))
+                        if len(skipped) >= FLUSH_ROWS:
+                            self._record(skipped, plan)
+                            skipped = []
                         continue
                     chunk.append(item.model_dump_json())
                     plan.queued_keys.add(item.key)
@@ -189,6 +194,7 @@ class Job:
                         chunk = []
         except StorageError as exc:
             raise JobError(str(exc)) from None
+        self._record(skipped, plan)
         if chunk:
             plan.queued.append(ray.put(pa.table({"item": chunk})))
         return plan
@@ -261,7 +267,7 @@ class Job:
             state = "finished"
         finally:
             self._account(plan)
-            self.writer.flush()
+            self.writer.close()
             self._report(plan, total, state, force=True)
         return plan.counts
 

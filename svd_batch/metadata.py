@@ -63,16 +63,51 @@ class MetadataWriter:
     def parts(self) -> int:
         return self._parts
 
+    def close(self) -> None:
+        """Commit what is buffered, then merge this run's parts into one file.
+
+        Parts are committed every few seconds so a crash loses little; left alone, a long run
+        would leave thousands of small files. Merging at the end keeps one file per run. A
+        crash between writing the merged file and deleting the parts leaves rows twice, which
+        the resume index (a set of keys) and `latest()` both tolerate.
+        """
+        self.flush()
+        if self._parts < 2:
+            return
+        keys = [f"part-{self.run_id}-{n:05d}.parquet" for n in range(self._parts)]
+        tables = [pq.read_table(io.BytesIO(self.storage.get_bytes(k))) for k in keys]
+        self.storage.put_bytes(_encode(pa.concat_tables(tables)), f"part-{self.run_id}-all.parquet")
+        for key in keys:
+            self.storage.delete(key)
+
 
 def part_keys(storage: Storage) -> list[str]:
     return [k for k in storage.list() if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".parquet")]
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Parts written by an older svd-batch lack newer columns: read those as nulls."""
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def read_table(storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    tables = [pq.read_table(io.BytesIO(storage.get_bytes(k)), columns=columns) for k in part_keys(storage)]
-    if not tables:
-        return RESULT_SCHEMA.empty_table().select(columns) if columns else RESULT_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    schema = pa.schema([RESULT_SCHEMA.field(c) for c in columns]) if columns else RESULT_SCHEMA
+    tables = []
+    for key in part_keys(storage):
+        part = pq.ParquetFile(io.BytesIO(storage.get_bytes(key)))
+        present = [c for c in schema.names if c in part.schema_arrow.names]
+        tables.append(_conform(part.read(columns=present), schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def latest(table: pa.Table) -> pa.Table:
+    """One row per output key: the one from the newest run (run ids sort by start time)."""
+    frame = table.to_pandas().sort_values(["run_id"], kind="stable")
+    return pa.Table.from_pandas(frame.drop_duplicates("key", keep="last"), schema=table.schema, preserve_index=False)
 
 
 @dataclass(frozen=True)

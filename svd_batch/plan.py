@@ -2,22 +2,24 @@
 
 Keys are deterministic: the same row, image, parameters and model always map to the same
 key, so a rerun finds what is done, and changing anything that shapes a video gives it a
-new key (and so re-renders exactly that row).
+new key (and so re-renders exactly that row). Planning touches every manifest row, so the
+per-row work is kept to string operations and dictionary lookups: parameter sets, which
+rows mostly share, are validated and serialised once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import posixpath
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import ValidationError
 
 from svd_batch.schema import JobSpec, ManifestRow, RenderParams, WorkItem, explain
-from svd_batch.storage import join_uri
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SAFE_ID_LENGTH = 64
@@ -35,14 +37,17 @@ def safe_name(row_id: str) -> str:
     return name[:SAFE_ID_LENGTH] or "row"
 
 
-def output_stem(row_id: str, image: str, seed: int, params: RenderParams, model: dict[str, Any]) -> str:
-    shaping = {"id": row_id, "image": image, "seed": seed, "params": params.model_dump(mode="json"), "model": model}
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-    return f"videos/{safe_name(row_id)}-{digest}"
+def manifest_dir(manifest_uri: str) -> str:
+    """The folder that relative references in a manifest are relative to."""
+    return posixpath.dirname(manifest_uri.rstrip("/"))
 
 
-def model_identity(spec: JobSpec) -> dict[str, Any]:
-    return {"path": str(spec.model.path), "dtype": spec.model.dtype, "variant": spec.model.variant}
+def join_uri(base_dir: str, reference: str) -> str:
+    if reference.startswith(("s3://", "file://", "/")):
+        return reference
+    if base_dir.startswith("s3://"):
+        return f"{base_dir}/{posixpath.normpath(reference)}"
+    return posixpath.normpath(posixpath.join(base_dir, reference))
 
 
 class RowError(ValueError):
@@ -53,43 +58,51 @@ class RowError(ValueError):
         super().__init__(f"row {line} (id {row_id!r}): {field}: {reason}")
 
 
-def resolve(row: ManifestRow, line: int, spec: JobSpec, manifest_uri: str, run_id: str) -> list[WorkItem]:
-    """The work items (one per output video) of a valid row."""
-    try:
-        params = RenderParams.model_validate({**spec.defaults.model_dump(), **row.overrides()})
-    except ValidationError as exc:
-        field, reason = explain(exc, RenderParams)[0]
-        raise RowError(line, row.id, field, reason) from None
-    if params.latents is not None:
-        params = params.model_copy(update={"latents": join_uri(manifest_uri, params.latents)})
-    image = join_uri(manifest_uri, row.image)
-    seed = row.seed if row.seed is not None else derive_seed(spec.seed, row.id)
-    model = model_identity(spec)
-    stem = output_stem(row.id, image, seed, params, model)
-    tags = json.dumps(row.tags, sort_keys=True) if row.tags else None
-    return [
-        WorkItem(
-            job=spec.name,
-            run_id=run_id,
-            id=row.id,
-            video_index=v,
-            key=f"{stem}-v{v}",
-            image=image,
-            # Video v of a row is exactly what a one-video row with seed + v would render.
-            seed=seed + v,
-            params=params,
-            tags=tags,
-        )
-        for v in range(params.num_videos_per_prompt)
-    ]
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
-def pending(
-    items: Iterable[WorkItem], done: set[str], retry_failed: bool, failed: set[str]
-) -> Iterator[tuple[WorkItem, bool]]:
-    """(item, is_done) for each item: done ones are skipped; failed ones only with retry_failed."""
-    for item in items:
-        if item.key in done or (item.key in failed and not retry_failed):
-            yield item, True
-        else:
-            yield item, False
+class Planner:
+    def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str) -> None:
+        self.spec, self.run_id = spec, run_id
+        self.base = manifest_dir(manifest_uri)
+        self.defaults = spec.defaults.model_dump()
+        model = {"path": str(spec.model.path), "dtype": spec.model.dtype, "variant": spec.model.variant}
+        self.model_json = json.dumps(model, sort_keys=True)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per job; the cache dies with it)
+    def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str]:
+        params = RenderParams.model_validate({**self.defaults, **dict(overrides)})
+        if params.latents is not None:
+            params = params.model_copy(update={"latents": join_uri(self.base, params.latents)})
+        return params, params.model_dump_json()
+
+    def resolve(self, row: ManifestRow, line: int) -> list[WorkItem]:
+        """The work items (one per output video) of a valid row."""
+        overrides = tuple(sorted((k, _freeze(v)) for k, v in row.overrides().items()))
+        try:
+            params, params_json = self._params(overrides)
+        except ValidationError as exc:
+            field, reason = explain(exc, RenderParams)[0]
+            raise RowError(line, row.id, field, reason) from None
+        image = join_uri(self.base, row.image)
+        seed = row.seed if row.seed is not None else derive_seed(self.spec.seed, row.id)
+        shaping = "\x00".join((row.id, image, str(seed), params_json, self.model_json))
+        stem = f"videos/{safe_name(row.id)}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"
+        tags = json.dumps(row.tags, sort_keys=True) if row.tags else None
+        return [
+            # Already validated: construct without validating again (this runs per row).
+            WorkItem.model_construct(
+                job=self.spec.name,
+                run_id=self.run_id,
+                id=row.id,
+                video_index=v,
+                key=f"{stem}-v{v}",
+                image=image,
+                # Video v of a row is exactly what a one-video row with seed + v would render.
+                seed=seed + v,
+                params=params,
+                tags=tags,
+            )
+            for v in range(params.num_videos_per_prompt)
+        ]

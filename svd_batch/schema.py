@@ -213,8 +213,9 @@ class ResultRow(BaseModel):
     decode_s: float | None = None
     encode_s: float | None = None
     upload_s: float | None = None
-    node: str | None = None
+    node: str | None = None  # host / Ray node id
     device: str | None = None
+    worker: str | None = None  # the worker (Ray actor) that made it
     attempt: int = 1
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
@@ -222,7 +223,9 @@ class ResultRow(BaseModel):
 
     @classmethod
     def for_item(cls, item: WorkItem, status: Status, **fields: Any) -> ResultRow:
-        return cls(
+        # Every value comes from a validated work item; skipping validation keeps planning
+        # (which writes a row for each of millions of skipped items) fast.
+        return cls.model_construct(
             job=item.job,
             run_id=item.run_id,
             id=item.id,

@@ -201,14 +201,3 @@ def read_uri(uri: str, base: Path | None = None) -> bytes:
         raise StorageError(f"{path} is not readable (permission denied); fix its permissions") from None
     except IsADirectoryError:
         raise StorageError(f"{path} is a directory, not a file") from None
-
-
-def join_uri(base: str, relative: str) -> str:
-    """Resolve a manifest-relative reference against the manifest's own location."""
-    if urlparse(relative).scheme in ("s3", "file") or relative.startswith("/"):
-        return relative
-    parsed = urlparse(base)
-    if parsed.scheme == "s3":
-        parent = parsed.path.rsplit("/", 1)[0]
-        return f"s3://{parsed.netloc}{parent}/{relative}"
-    return str(local_path(base).parent / relative)

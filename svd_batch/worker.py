@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import socket
 import tempfile
 import time
@@ -52,6 +53,7 @@ class RowWorker:
         self.renderer = Renderer(self.model, max_batch=spec.workers.batch_size)
         self.storage = open_storage(spec.output)
         self.node = socket.gethostname()
+        self.worker_id = f"pid-{os.getpid()}"
         self.load_s = time.perf_counter() - started
         self._loads_reported = False
 
@@ -74,6 +76,7 @@ class RowWorker:
             model_sha256=self.model.sha256,
             node=self.node,
             device=self.model.device,
+            worker=self.worker_id,
             attempt=attempt,
             started_at=_now(),
         )
@@ -161,7 +164,8 @@ class RayWorker:
         # A restarted actor means the previous one died mid-batch: its rows are retries.
         self.attempt = 2 if context.was_current_actor_reconstructed else 1
         self.worker = RowWorker(JobSpec.model_validate_json(spec_json))
-        self.worker.node = f"{self.worker.node}/{context.get_node_id()[:12]}"  # host / Ray node
+        self.worker.node = f"{self.worker.node}/{context.get_node_id()[:12]}"
+        self.worker.worker_id = context.get_actor_id()[:16]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return rows_to_table(self.worker.process(items_from_table(batch), self.attempt))

@@ -101,6 +101,7 @@ def test_failures_name_row_field_and_fix(local_job: Path) -> None:
 
 def test_metadata_reads_as_one_dataset_everywhere(local_job: Path) -> None:
     folder = load_spec(local_job).metadata_uri
+    assert [p.name for p in Path(folder).glob("*.parquet")] == [p.name for p in Path(folder).glob("part-*-*.parquet")]
     assert len(pd.read_parquet(folder)) == 6
     count = duckdb.sql(f"select count(*) from read_parquet('{folder}/*.parquet')").fetchall()[0]
     assert count == (6,)
