@@ -155,13 +155,16 @@ def planning(model: Path, rows: int) -> dict[str, Any]:
     # An earlier run that finished 99% of the rows.
     run_id = new_run_id()
     writer, planner = MetadataWriter(meta, run_id, flush_seconds=3600), Planner(spec, spec.manifest, run_id)
-    done = 0
+    done, batch = 0, []
     for number, row in read_rows(spec.manifest):
         if number % 100 == 0:
             continue
-        for item in planner.resolve(row, number):
-            writer.add([ResultRow.for_item(item, Status.ok)])
-            done += 1
+        batch += [ResultRow.for_item(item, Status.ok) for item in planner.resolve(row, number)]
+        if len(batch) >= 10_000:
+            writer.add(batch)
+            done, batch = done + len(batch), []
+    writer.add(batch)
+    done += len(batch)
     writer.close()
     out = subprocess.run(
         [sys.executable, "-c", PLAN_SCRIPT, str(spec_path)], capture_output=True, text=True, cwd=ROOT, check=True

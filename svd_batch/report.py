@@ -1,0 +1,140 @@
+"""One self-contained HTML page that says what a job made: counts, failures, timings, posters.
+
+Everything is inline (CSS, SVG plots, JPEG poster frames as data URIs), so the file can be
+mailed, attached to a ticket or opened from object storage without anything beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from svd_batch.metadata import latest, read_table
+from svd_batch.storage import open_storage, read_uri
+
+TIMINGS = ("denoise_s", "decode_s", "encode_s", "upload_s")
+MAX_POSTERS = 500
+ROW_PREFIX = re.compile(r"^(row id '.*?'|row \d+ \(id .*?\)|key \S+): ")
+
+STYLE = """
+body{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+.counts td{font-size:20px;text-align:right}.ok{color:#186a3b}.failed{color:#a01818}.skipped{color:#666}
+.plots{display:flex;flex-wrap:wrap;gap:16px}.sheet{display:flex;flex-wrap:wrap;gap:8px}
+.sheet a{display:block;width:136px;font-size:11px;text-decoration:none;color:#333;word-break:break-all}
+.sheet img{width:128px;height:auto;border:1px solid #bbb;background:#000}
+details{margin:4px 0}code{font-size:12px}
+"""
+
+
+def error_kind(error: str) -> str:
+    """What went wrong, without the row: 'image: ImageError', 'motion_bucket: unknown field'."""
+    text = ROW_PREFIX.sub("", error or "")
+    parts = [p.strip() for p in text.split(":")]
+    kind = ": ".join(parts[:2]) if len(parts) > 1 else parts[0]
+    return re.sub(r"\d+", "N", kind)[:80]
+
+
+def histogram_svg(values: np.ndarray, title: str, bins: int = 20, width: int = 320, height: int = 140) -> str:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return f"<figure><figcaption>{html.escape(title)}: no data</figcaption></figure>"
+    counts, edges = np.histogram(values, bins=bins)
+    top, bar = max(int(counts.max()), 1), width / bins
+    rects = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - 20 - c / top * (height - 30):.1f}" width="{bar - 1:.1f}" '
+        f'height="{c / top * (height - 30):.1f}" fill="#3b6ea5"><title>{edges[i]:.3g}-{edges[i + 1]:.3g} s: '
+        f"{c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    axis = (
+        f'<text x="0" y="{height - 4}" font-size="11">{edges[0]:.3g} s</text>'
+        f'<text x="{width}" y="{height - 4}" font-size="11" text-anchor="end">{edges[-1]:.3g} s</text>'
+    )
+    caption = f"{title}: median {np.median(values):.3g} s, p95 {np.percentile(values, 95):.3g} s, n={len(values)}"
+    return (
+        f'<figure><svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">{rects}{axis}'
+        f"</svg><figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def poster(row: pd.Series) -> str | None:
+    """The first frame of the row's video as a small JPEG data URI."""
+    import imageio.v2 as imageio
+
+    for fmt in ("mp4", "webp", "gif"):
+        uri = row.get(f"{fmt}_uri")
+        if isinstance(uri, str):
+            data = read_uri(uri.removeprefix("file://"))
+            frame = imageio.get_reader(io.BytesIO(data), format=fmt if fmt != "mp4" else "FFMPEG").get_data(0)
+            break
+    else:
+        uri = row.get("png_uri")
+        if not isinstance(uri, str):
+            return None
+        frame = np.asarray(Image.open(io.BytesIO(read_uri(uri.removeprefix("file://") + "00000.png"))))
+    image = Image.fromarray(np.asarray(frame)[..., :3]).convert("RGB")
+    image.thumbnail((128, 128))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _video_link(row: pd.Series) -> str:
+    for fmt in ("mp4", "webp", "gif", "png"):
+        uri = row.get(f"{fmt}_uri")
+        if isinstance(uri, str):
+            return uri
+    return "#"
+
+
+def build(metadata_uri: str, title: str | None = None) -> str:
+    table = latest(read_table(open_storage(metadata_uri))).to_pandas()
+    counts = Counter(table.status)
+    name = title or (table.job.iloc[0] if len(table) else "svd-batch")
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)} report</title>",
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(name)}</h1>",
+        f"<p>{len(table)} outputs in {html.escape(metadata_uri)}; runs: {table.run_id.nunique()}</p>",
+        "<table class='counts'><tr>"
+        + "".join(f"<th class='{s}'>{s}</th>" for s in ("ok", "failed", "skipped"))
+        + "</tr><tr>"
+        + "".join(f"<td class='{s}'>{counts.get(s, 0)}</td>" for s in ("ok", "failed", "skipped"))
+        + "</tr></table>",
+    ]
+    failed = table[table.status == "failed"]
+    parts.append(f"<h2>Failures ({len(failed)})</h2>")
+    if len(failed):
+        kinds = failed.assign(kind=failed.error.map(error_kind)).groupby("kind")
+        for kind, rows in sorted(kinds, key=lambda item: -len(item[1])):
+            items = "".join(f"<li><code>{html.escape(str(e))}</code></li>" for e in rows.error.head(200))
+            parts.append(f"<details><summary>{html.escape(kind)}: {len(rows)} rows</summary><ul>{items}</ul></details>")
+    else:
+        parts.append("<p>none</p>")
+    ok = table[table.status == "ok"]
+    parts.append("<h2>Timings per video</h2><div class='plots'>")
+    parts += [histogram_svg(ok[c].to_numpy(dtype=float), c.removesuffix("_s")) for c in TIMINGS if c in ok]
+    parts.append("</div>")
+    parts.append(f"<h2>Contact sheet ({min(len(ok), MAX_POSTERS)} of {len(ok)})</h2><div class='sheet'>")
+    for _, row in ok.head(MAX_POSTERS).iterrows():
+        src = poster(row)
+        label = html.escape(f"{row.id} #{row.video_index}")
+        img = f"<img src='{src}' alt='{label}'>" if src else ""
+        parts.append(f"<a href='{html.escape(_video_link(row))}'>{img}<span>{label}</span></a>")
+    parts.append("</div></body></html>")
+    return "\n".join(parts)
+
+
+def write(metadata_uri: str, destination: str, title: str | None = None) -> str:
+    page = build(metadata_uri, title).encode()
+    directory, _, name = destination.rpartition("/")
+    return open_storage(directory or ".").put_bytes(page, name)
+
