@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PIP_CACHE_DIR := $(abspath $(VENV))/pip-cache
 export SVD_BATCH_CACHE := $(abspath .cache)
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup browser demo test bench lint format clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ demo: setup
 	@test -f .cache/tiny-svd/model_index.json || $(VENV)/bin/svd-batch tiny-model .cache/tiny-svd
 	$(VENV)/bin/svd-batch run jobs/demo/job.yaml
 
-test: setup
+# The report test opens the page in a real headless Chromium, from Debian's packages.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

@@ -177,15 +177,25 @@ def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else local).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Render again the rows that failed in earlier runs.")] = False,
+    deadline: Annotated[
+        str | None, typer.Option(help="HH:MM local time: stop taking rows then (next occurrence).")
+    ] = None,
+    max_duration: Annotated[str | None, typer.Option(help="Stop taking rows after this long, e.g. 8h or 90m.")] = None,
 ) -> None:
-    """Run a job on Ray: render every row not done yet; exit 0 all ok, 1 rows failed, 2 cannot start."""
+    """Run a job on Ray: render every row not done yet.
+
+    Exit 0 all ok, 1 rows failed, 2 cannot start, 3 stopped early (deadline or signal; rerun resumes).
+    SIGTERM and Ctrl-C drain: rows in flight finish and are committed; a second one stops at once.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, exit_code, load_spec
+    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, exit_code, load_spec, next_deadline, parse_duration
 
     try:
         spec = load_spec(job)
-    except JobError as exc:
+        until = next_deadline(deadline) if deadline else None
+        limit = parse_duration(max_duration) if max_duration else None
+    except (JobError, ValueError) as exc:
         raise fail(str(exc), EXIT_CANNOT_START) from None
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -205,7 +215,15 @@ def run(
             detail = f"ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  skipped {counts.get('skipped', 0)}"
             bar.update(task, total=total, completed=finished, detail=f"{detail}  {rate:.1f} videos/min")
 
-        runner = Job(spec, retry_failed=retry_failed, address=address, progress=show)
+        runner = Job(
+            spec,
+            retry_failed=retry_failed,
+            address=address,
+            progress=show,
+            deadline=until,
+            max_duration=limit,
+            handle_signals=True,
+        )
         try:
             counts = runner.run()
         except JobError as exc:
@@ -213,19 +231,109 @@ def run(
     _summary(spec, runner.run_id, counts)
     if runner.stalled:
         err.print(f"[bold red]stalled:[/] {runner.stalled}", highlight=False, soft_wrap=True)
-    raise typer.Exit(exit_code(counts))
+    if runner.stopped:
+        err.print(f"{runner.stopped}, {counts.get('left', 0)} rows left, rerun to resume", highlight=False)
+    raise typer.Exit(exit_code(counts, runner.stopped))
 
 
 def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{spec.name}  run {run_id}")
-    for name in ("ok", "failed", "skipped"):
+    for name in ("ok", "failed", "skipped", "left"):
         table.add_column(name, justify="right")
-    table.add_row(*(str(counts.get(n, 0)) for n in ("ok", "failed", "skipped")))
+    table.add_row(*(str(counts.get(n, 0)) for n in ("ok", "failed", "skipped", "left")))
     out.print(table)
     out.print(f"videos:   {spec.output}")
     out.print(f"metadata: {spec.metadata_uri}")
+
+
+ADDRESS = typer.Option(help="Ray dashboard / Jobs API address (default: RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
+
+
+@app.command()
+def submit(
+    job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    address: Annotated[str | None, ADDRESS] = None,
+    retry_failed: Annotated[bool, typer.Option()] = False,
+    deadline: Annotated[str | None, typer.Option(help="HH:MM, passed to `run`.")] = None,
+    max_duration: Annotated[str | None, typer.Option(help="e.g. 8h, passed to `run`.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends; exit as it did.")] = False,
+) -> None:
+    """Submit a job to a Ray cluster through the Ray Jobs API; prints the job id."""
+    from svd_batch import submit as jobs
+    from svd_batch.driver import load_spec, next_deadline, parse_duration
+
+    try:
+        load_spec(job)  # refuse a bad spec here, not on the cluster
+        run_args = ["--retry-failed"] if retry_failed else []
+        if deadline:
+            next_deadline(deadline)
+            run_args += ["--deadline", deadline]
+        if max_duration:
+            parse_duration(max_duration)
+            run_args += ["--max-duration", max_duration]
+        job_id = jobs.submit(job, address, run_args)
+    except Exception as exc:
+        raise fail(f"cannot submit {job}: {str(exc).strip().splitlines()[0]}") from None
+    out.print(f"submitted {job_id}")
+    if wait:
+        jobs.follow(job_id, address, lambda chunk: out.print(chunk, end="", markup=False, highlight=False))
+        state = jobs.status(job_id, address)
+        out.print(f"{job_id} {state}")
+        raise typer.Exit(0 if state == "SUCCEEDED" else 1)
+
+
+@app.command()
+def status(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
+    """Print a submitted job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from svd_batch import submit as jobs
+
+    out.print(f"{job_id} {jobs.status(job_id, address)}")
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: Annotated[str | None, ADDRESS] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """Print a submitted job's log."""
+    from svd_batch import submit as jobs
+
+    if follow:
+        jobs.follow(job_id, address, lambda chunk: out.print(chunk, end="", markup=False, highlight=False))
+    else:
+        out.print(jobs.logs(job_id, address), end="", markup=False, highlight=False)
+
+
+@app.command()
+def stop(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
+    """Stop a submitted job (its driver gets SIGTERM and drains)."""
+    from svd_batch import submit as jobs
+
+    out.print(f"{job_id} {'stopping' if jobs.stop(job_id, address) else 'was not running'}")
+
+
+@app.command()
+def report(
+    output: Annotated[
+        str, typer.Argument(help="The job's output (path or s3://); metadata is read from OUTPUT/metadata.")
+    ],
+    metadata: Annotated[str | None, typer.Option(help="Metadata location, if not OUTPUT/metadata.")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Where to write the page (default OUTPUT/report.html).")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML report: counts, failures by kind, timings, poster frames."""
+    from svd_batch import report as reports
+
+    source = metadata or output.rstrip("/") + "/metadata"
+    try:
+        written = reports.write(source, to or output.rstrip("/") + "/report.html")
+    except Exception as exc:
+        raise fail(f"cannot report on {source}: {str(exc).strip().splitlines()[0]}") from None
+    out.print(f"report: {written}")
 
 
 def main() -> None:

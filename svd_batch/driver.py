@@ -12,7 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,7 +35,8 @@ from svd_batch.plan import Planner, RowError
 from svd_batch.schema import JobSpec, ResultRow, Status, WorkItem, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START = 0, 1, 2
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
+DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 WORKER_ENV = {
     "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
     "HF_HUB_OFFLINE": "1",
@@ -69,6 +73,31 @@ def load_spec(path: Path) -> JobSpec:
     if spec.metadata:
         update["metadata"] = anchor(spec.metadata)
     return spec.model_copy(update=update)
+
+
+def next_deadline(clock: str, now: dt.datetime | None = None) -> dt.datetime:
+    """The next time the local wall clock shows HH:MM (today, or tomorrow if that has passed)."""
+    now = now or dt.datetime.now()
+    try:
+        hour, minute = (int(part) for part in clock.split(":"))
+        target = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError:
+        raise ValueError(f"deadline {clock!r} is not HH:MM (24-hour local time), e.g. 06:30") from None
+    return target if target > now else target + dt.timedelta(days=1)
+
+
+def parse_duration(text: str) -> float:
+    match = DURATION.match(text.strip())
+    if not text.strip() or not match:
+        raise ValueError(f"duration {text!r} is not like 8h, 90m or 1h30m")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _format_duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
 
 
 def new_run_id() -> str:
@@ -121,8 +150,13 @@ class Job:
     address: str | None = None
     run_id: str = field(default_factory=new_run_id)
     progress: Any = None  # callable(counts: Counter, total: int) for live progress
+    deadline: dt.datetime | None = None  # local wall-clock time to stop taking rows
+    max_duration: float | None = None  # seconds after the start to stop taking rows
+    handle_signals: bool = False  # SIGTERM / Ctrl-C drain the job (the CLI sets this)
     status_every: float = 2.0
     stalled: str | None = None  # why the workers stopped making progress, if they did
+    stopped: str | None = None  # why the job stopped taking rows early, if it did
+    _drain_flag: Any = None
     _started: float = field(default_factory=time.monotonic)
     _last_status: float = 0.0
 
@@ -145,6 +179,30 @@ class Job:
             }
             # Beside the part files; the leading underscore keeps dataset readers off it.
             self.meta.put_bytes(json.dumps(document, indent=2).encode(), "_status.json")
+
+    def drain(self, reason: str) -> None:
+        """Stop taking rows: batches in flight finish and are committed; the rest are left."""
+        if self.stopped is None:
+            self.stopped = reason
+        if self._drain_flag is not None:
+            self._drain_flag.set.remote()
+
+    def _arm_timers(self) -> list[threading.Timer]:
+        limits = []
+        if self.deadline is not None:
+            seconds = (self.deadline - dt.datetime.now()).total_seconds()
+            limits.append((seconds, f"stopped at deadline {self.deadline:%H:%M}"))
+        if self.max_duration is not None:
+            limits.append((self.max_duration, f"stopped at the {_format_duration(self.max_duration)} limit"))
+        timers = [threading.Timer(max(seconds, 0.0), self.drain, args=(reason,)) for seconds, reason in limits]
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
+        return timers
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.drain(f"stopped by {signal.Signals(signum).name}")
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the driver at once
 
     def start(self) -> None:
         """Everything that must hold before any row is touched (exit 2 otherwise)."""
@@ -206,16 +264,19 @@ class Job:
     def render(self, plan: Plan) -> None:
         import ray
 
-        from svd_batch.worker import RayWorker
+        from svd_batch.worker import DrainFlag, worker_class
 
         workers = self.spec.workers
         resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
+        flag = ray.remote(num_cpus=0)(DrainFlag)
+        self._drain_flag = flag.options(name=DrainFlag.name(self.run_id)).remote()
+        if self.stopped:
+            self._drain_flag.set.remote()
         ds = ray.data.from_arrow_refs(plan.queued).map_batches(
-            RayWorker,
-            fn_constructor_kwargs={"spec_json": self.spec.model_dump_json()},
+            worker_class(self.spec.model_dump_json()),
             batch_size=workers.batch_size,
             batch_format="pyarrow",
-            concurrency=workers.count,
+            compute=ray.data.ActorPoolStrategy(size=workers.count),
             num_cpus=workers.cpus_per_worker,
             resources=resources or None,
             # A worker that dies mid-batch is restarted, at most max_attempts times, and its
@@ -242,6 +303,7 @@ class Job:
         import ray
 
         self.start()
+        timers = self._arm_timers()
         ray.init(
             address=self.address or os.environ.get("RAY_ADDRESS"),
             runtime_env={"env_vars": WORKER_ENV},
@@ -258,22 +320,31 @@ class Job:
         # skipped, not fatal: its rows are accounted as failed and the other rows go on.
         context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
         context.max_errored_blocks = -1
+        if self.handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_signal)
         plan = self.plan()
         total = sum(plan.counts.values()) + len(plan.queued_keys)
         state = "failed"
         try:
-            if plan.queued:
+            if plan.queued and not self.stopped:
                 self.render(plan)
-            state = "finished"
+            state = "stopped" if self.stopped else "finished"
         finally:
+            for timer in timers:
+                timer.cancel()
             self._account(plan)
             self.writer.close()
             self._report(plan, total, state, force=True)
         return plan.counts
 
     def _account(self, plan: Plan) -> None:
-        """Rows queued but never returned (workers kept dying on them) end as failed rows."""
+        """Rows queued but never returned end as failed rows (workers kept dying on them),
+        or, when the job was stopped early, are left for the next run to render."""
         if not plan.queued_keys:
+            return
+        if self.stopped:
+            plan.counts["left"] += len(plan.queued_keys)
             return
         lost = [
             ResultRow(
@@ -294,5 +365,7 @@ class Job:
         self._record(lost, plan)
 
 
-def exit_code(counts: Counter[str]) -> int:
+def exit_code(counts: Counter[str], stopped: str | None = None) -> int:
+    if stopped:
+        return EXIT_STOPPED
     return EXIT_FAILED_ROWS if counts.get(Status.failed, 0) else EXIT_OK

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import posixpath
 import re
@@ -78,7 +79,18 @@ class Planner:
         return params, params.model_dump_json()
 
     def resolve(self, row: ManifestRow, line: int) -> list[WorkItem]:
-        """The work items (one per output video) of a valid row."""
+        """The work items (one per output video) of a valid row, after the spec's sweep."""
+        sweep = self.spec.sweep
+        if not sweep:
+            return self._resolve(row, line)
+        items = []
+        for values in itertools.product(*sweep.values()):
+            combo = dict(zip(sweep, values, strict=True))
+            label = ",".join(f"{k}={v}" for k, v in combo.items())
+            items += self._resolve(row.model_copy(update={**combo, "id": f"{row.id}[{label}]"}), line)
+        return items
+
+    def _resolve(self, row: ManifestRow, line: int) -> list[WorkItem]:
         overrides = tuple(sorted((k, _freeze(v)) for k, v in row.overrides().items()))
         try:
             params, params_json = self._params(overrides)

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import re
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -30,14 +31,14 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-
 .counts td{font-size:20px;text-align:right}.ok{color:#186a3b}.failed{color:#a01818}.skipped{color:#666}
 .plots{display:flex;flex-wrap:wrap;gap:16px}.sheet{display:flex;flex-wrap:wrap;gap:8px}
 .sheet a{display:block;width:136px;font-size:11px;text-decoration:none;color:#333;word-break:break-all}
-.sheet img{width:128px;height:auto;border:1px solid #bbb;background:#000}
+.sheet img{display:block;width:128px;height:auto;border:1px solid #bbb;background:#000}
 details{margin:4px 0}code{font-size:12px}
 """
 
 
 def error_kind(error: str) -> str:
     """What went wrong, without the row: 'image: ImageError', 'motion_bucket: unknown field'."""
-    text = ROW_PREFIX.sub("", error or "")
+    text = ROW_PREFIX.sub("", error or "").split(";")[0]
     parts = [p.strip() for p in text.split(":")]
     kind = ": ".join(parts[:2]) if len(parts) > 1 else parts[0]
     return re.sub(r"\d+", "N", kind)[:80]
@@ -73,8 +74,11 @@ def poster(row: pd.Series) -> str | None:
     for fmt in ("mp4", "webp", "gif"):
         uri = row.get(f"{fmt}_uri")
         if isinstance(uri, str):
-            data = read_uri(uri.removeprefix("file://"))
-            frame = imageio.get_reader(io.BytesIO(data), format=fmt if fmt != "mp4" else "FFMPEG").get_data(0)
+            with tempfile.NamedTemporaryFile(suffix=f".{fmt}") as local:
+                # ffmpeg reads files, not buffers; videos in object storage are fetched first
+                local.write(read_uri(uri.removeprefix("file://")))
+                local.flush()
+                frame = imageio.get_reader(local.name).get_data(0)
             break
     else:
         uri = row.get("png_uri")
@@ -137,4 +141,3 @@ def write(metadata_uri: str, destination: str, title: str | None = None) -> str:
     page = build(metadata_uri, title).encode()
     directory, _, name = destination.rpartition("/")
     return open_storage(directory or ".").put_bytes(page, name)
-

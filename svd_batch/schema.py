@@ -158,6 +158,18 @@ class JobSpec(Strict):
     formats: Annotated[list[Format], Field(min_length=1)] = [Format.mp4]
     workers: WorkersSpec = WorkersSpec()
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    # Dataset synthesis: every row becomes one row per combination of these values.
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweepable(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in sweep.items():
+            if name != "seed" and name not in RenderParams.model_fields:
+                raise ValueError(f"sweep key '{name}' is not a render parameter{did_you_mean(name, RenderParams)}")
+            if not values:
+                raise ValueError(f"sweep key '{name}' needs at least one value")
+        return sweep
 
     @property
     def metadata_uri(self) -> str:

@@ -154,6 +154,23 @@ def items_from_table(table: pa.Table) -> list[WorkItem]:
     return [WorkItem.model_validate(json.loads(raw)) for raw in table.column("item").to_pylist()]
 
 
+class DrainFlag:
+    """Set by the driver to stop a job taking rows; workers look at it before each batch."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def set(self) -> None:
+        self.draining = True
+
+    def is_set(self) -> bool:
+        return self.draining
+
+    @staticmethod
+    def name(run_id: str) -> str:
+        return f"svd-batch-drain-{run_id}"
+
+
 class RayWorker:
     """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items."""
 
@@ -168,4 +185,26 @@ class RayWorker:
         self.worker.worker_id = context.get_actor_id()[:16]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return rows_to_table(self.worker.process(items_from_table(batch), self.attempt))
+        items = items_from_table(batch)
+        if items and self._draining(items[0].run_id):
+            return RESULT_SCHEMA.empty_table()  # not started: left for the next run
+        return rows_to_table(self.worker.process(items, self.attempt))
+
+    def _draining(self, run_id: str) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(ray.get_actor(DrainFlag.name(run_id)).is_set.remote()))
+        except ValueError:  # no flag: a job run without one (e.g. from an older driver)
+            return False
+
+
+def worker_class(spec_json: str) -> type[RayWorker]:
+    """A RayWorker with the spec built in: Ray Data then has no constructor arguments to keep
+    in the object store, which a restarted actor could find gone (ray issue 53727)."""
+
+    class SpecRayWorker(RayWorker):
+        def __init__(self) -> None:
+            super().__init__(spec_json)
+
+    return SpecRayWorker

@@ -1,0 +1,78 @@
+"""Hand a job to a shared Ray cluster through the Ray Jobs API, and follow it there.
+
+The spec (and its manifest, when local) travel in the job's `working_dir`; every other local
+path in the spec is made absolute, since it must name the same place on the cluster (a shared
+filesystem) — object-storage URIs travel unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from svd_batch.driver import WORKER_ENV
+from svd_batch.storage import local_path
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def client(address: str | None):  # type: ignore[no-untyped-def]
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address or os.environ.get("RAY_JOBS_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def package(spec_path: Path, into: Path) -> None:
+    """Copy the spec, and a local manifest, into a folder the Jobs API uploads."""
+    raw = yaml.safe_load(spec_path.read_text())
+    base = spec_path.resolve().parent
+    manifest = str(raw.get("manifest", ""))
+    if manifest and "://" not in manifest:
+        source = local_path(manifest, base)
+        shutil.copy2(source, into / source.name)
+        raw["manifest"] = source.name
+    for key in ("output", "metadata"):
+        value = raw.get(key)
+        if value and "://" not in str(value):
+            raw[key] = str(local_path(str(value), base))
+    if isinstance(raw.get("model"), dict) and "path" in raw["model"]:
+        raw["model"]["path"] = str(local_path(str(raw["model"]["path"]), base))
+    (into / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def submit(spec_path: Path, address: str | None, run_args: list[str]) -> str:
+    with tempfile.TemporaryDirectory(prefix="svd-batch-submit-") as folder:
+        package(spec_path, Path(folder))
+        return client(address).submit_job(
+            entrypoint=" ".join(["svd-batch", "run", "job.yaml", *run_args]),
+            runtime_env={"working_dir": folder, "env_vars": WORKER_ENV},
+            metadata={"svd_batch_spec": spec_path.name},
+        )
+
+
+def status(job_id: str, address: str | None) -> str:
+    return str(client(address).get_job_status(job_id).value)
+
+
+def logs(job_id: str, address: str | None) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def follow(job_id: str, address: str | None, write: Callable[[str], object]) -> None:
+    """Stream the job's log to `write` as it is produced, until the job ends."""
+    import asyncio
+
+    async def tail() -> None:
+        async for chunk in client(address).tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+
+
+def stop(job_id: str, address: str | None) -> bool:
+    return bool(client(address).stop_job(job_id))

@@ -1,0 +1,174 @@
+"""Operating a job: parameter sweeps, deadlines and drains, and the Ray Jobs API."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from svd_batch.driver import EXIT_STOPPED, Job, load_spec, next_deadline, parse_duration
+from svd_batch.plan import Planner
+from svd_batch.schema import JobSpec, ManifestRow
+from tests.conftest import FAST, free_port, make_image
+from tests.test_job import cli, results, write_job
+
+
+def spec_with(**fields: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {"name": "s", "manifest": "/m/manifest.jsonl", "output": "/o", "model": {"path": "/x"}, **fields}
+    )
+
+
+def test_sweep_expands_each_row_into_every_combination() -> None:
+    spec = spec_with(sweep={"motion_bucket_id": [40, 200], "seed": [0, 1]})
+    items = Planner(spec, spec.manifest, "r").resolve(ManifestRow(id="cat", image="cat.png"), 1)
+    assert [(i.id, i.params.motion_bucket_id, i.seed) for i in items] == [
+        ("cat[motion_bucket_id=40,seed=0]", 40, 0),
+        ("cat[motion_bucket_id=40,seed=1]", 40, 1),
+        ("cat[motion_bucket_id=200,seed=0]", 200, 0),
+        ("cat[motion_bucket_id=200,seed=1]", 200, 1),
+    ]
+    assert len({i.key for i in items}) == 4
+
+
+def test_sweep_keys_are_checked() -> None:
+    with pytest.raises(ValidationError, match="did you mean 'motion_bucket_id'"):
+        spec_with(sweep={"motion_bucket": [1, 2]})
+    with pytest.raises(ValidationError, match="at least one value"):
+        spec_with(sweep={"fps": []})
+
+
+def test_deadline_is_the_next_occurrence_in_local_time() -> None:
+    now = dt.datetime(2026, 11, 27, 23, 0)
+    assert next_deadline("06:30", now) == dt.datetime(2026, 11, 28, 6, 30)
+    assert next_deadline("23:30", now) == dt.datetime(2026, 11, 27, 23, 30)
+    assert parse_duration("8h") == 8 * 3600 and parse_duration("1h30m") == 5400 and parse_duration("45s") == 45
+    with pytest.raises(ValueError, match="like 8h, 90m or 1h30m"):
+        parse_duration("eight hours")
+
+
+def rows_and_images(folder: Path, n: int) -> list[dict]:
+    for i in range(n):
+        make_image(folder / "img" / f"{i}.png", seed=i)
+    return [{"id": f"q{i}", "image": f"img/{i}.png"} for i in range(n)]
+
+
+def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 6), tiny_model, workers={"count": 1, "batch_size": 1})
+    job = Job(load_spec(spec))
+    job.progress = lambda counts, total: counts.get("ok") and job.drain("test drain")
+    counts = job.run()
+    assert job.stopped == "test drain" and 1 <= counts["ok"] < 6 and counts["left"] == 6 - counts["ok"]
+    df = results(spec)
+    assert set(df.status) == {"ok"}  # rows not started are left for the rerun, not failed
+    again = Job(load_spec(spec)).run()
+    assert again == Counter(ok=counts["left"], skipped=counts["ok"])
+
+
+def test_sigterm_drains_and_exits_with_its_own_code(tmp_path: Path, tiny_model: Path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 6), tiny_model, workers={"count": 1, "batch_size": 1})
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status = Path(load_spec(spec).metadata_uri) / "_status.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if status.exists() and json.loads(status.read_text())["counts"].get("ok"):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED, err[-2000:]
+    assert "stopped by SIGTERM" in err and "rows left, rerun to resume" in err
+    assert json.loads(status.read_text())["state"] == "stopped"
+
+
+def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluster: object) -> None:
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 3), tiny_model)
+    job = Job(load_spec(spec), max_duration=0.01)
+    counts = job.run()
+    assert job.stopped and job.stopped.startswith("stopped at the 0s limit") and counts["left"] == 3
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real Ray head with its job server, separate from the session's cluster."""
+    import urllib.request
+
+    from svd_batch.driver import WORKER_ENV
+
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, **WORKER_ENV}
+    head = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            f"--temp-dir={tmp_path_factory.mktemp('rayhead')}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield address
+    head.send_signal(signal.SIGTERM)
+    head.wait(timeout=60)
+
+
+def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cli("status", job_id, "--address", address).stdout.strip().split()[-1]
+        if state in states:
+            return state
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} never reached {states}")
+
+
+@pytest.mark.slow
+def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_model: Path, ray_head: str) -> None:
+    spec = write_job(tmp_path / "a", rows_and_images(tmp_path / "a", 2), tiny_model)
+    done = cli("submit", str(spec), "--address", ray_head)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.strip().split()[-1]
+    assert wait_for(job_id, ray_head, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    logs = cli("logs", job_id, "--address", ray_head).stdout
+    assert "ok" in logs and "metadata:" in logs
+    assert sorted(results(spec).id) == ["q0", "q1"]  # written where the spec said, from the cluster
+
+    slow = write_job(
+        tmp_path / "b", rows_and_images(tmp_path / "b", 8), tiny_model, defaults={**FAST, "num_inference_steps": 20}
+    )
+    job_id = cli("submit", str(slow), "--address", ray_head).stdout.strip().split()[-1]
+    wait_for(job_id, ray_head, {"RUNNING"})
+    assert cli("stop", job_id, "--address", ray_head).returncode == 0
+    assert wait_for(job_id, ray_head, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"

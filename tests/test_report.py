@@ -1,0 +1,96 @@
+"""`svd-batch report`: one self-contained HTML file, checked in a real headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from svd_batch.metadata import MetadataWriter
+from svd_batch.report import build, error_kind, write
+from svd_batch.schema import JobSpec
+from svd_batch.storage import open_storage
+from tests.conftest import FAST, make_image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A small real output: three videos and two failures, made in-process (no Ray needed)."""
+    from svd_batch.manifest import read_rows
+    from svd_batch.plan import Planner
+    from svd_batch.worker import RowWorker
+
+    folder = tmp_path_factory.mktemp("report")
+    for i in range(3):
+        make_image(folder / f"{i}.png", seed=i)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = [f'{{"id": "r{i}", "image": "{i}.png"}}' for i in range(3)] + ['{"id": "bad", "image": "broken.png"}']
+    (folder / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    spec = JobSpec.model_validate(
+        {
+            "name": "reported",
+            "manifest": str(folder / "manifest.jsonl"),
+            "output": str(folder / "out"),
+            "model": {"path": tiny_model},
+            "defaults": FAST,
+            "formats": ["mp4", "gif"],
+        }
+    )
+    planner = Planner(spec, spec.manifest, "20260101T000000Z-test")
+    items = [item for n, row in read_rows(spec.manifest) for item in planner.resolve(row, n)]
+    writer = MetadataWriter(open_storage(spec.metadata_uri), "20260101T000000Z-test")
+    writer.add(RowWorker(spec).process(items))
+    writer.close()
+    return folder / "out"
+
+
+def test_error_kinds_group_without_the_row() -> None:
+    assert error_kind("row id 'a': image: ImageError: not a readable image (x)") == "image: ImageError"
+    assert error_kind("row 12 (id 'b'): motion_bucket: unknown field; did you mean") == "motion_bucket: unknown field"
+
+
+def test_report_has_counts_failures_timings_and_posters(rendered: Path) -> None:
+    page = build(str(rendered / "metadata"))
+    assert page.count("<img src='data:image/jpeg;base64,") == 3
+    assert "image: ImageError: 1 rows" in page
+    assert page.count("<svg") == 4 and "denoise: median" in page
+    assert "src='http" not in page and "href='http" not in page  # self-contained
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by `make test` (apt-get)")
+def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> None:
+    target = write(str(rendered / "metadata"), str(rendered / "report.html"))
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1200,900",
+            f"--screenshot={shot}",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shot.is_file(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.std() > 10  # text, plots and posters, not a blank page
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
