@@ -125,7 +125,7 @@ def planning(model: Path, rows: int) -> dict[str, Any]:
     from svd_batch.manifest import read_rows
     from svd_batch.metadata import MetadataWriter
     from svd_batch.plan import Planner
-    from svd_batch.schema import ResultRow, Status
+    from svd_batch.schema import Status
     from svd_batch.storage import open_storage
 
     folder = WORK / f"plan-{rows}"
@@ -155,11 +155,11 @@ def planning(model: Path, rows: int) -> dict[str, Any]:
     # An earlier run that finished 99% of the rows.
     run_id = new_run_id()
     writer, planner = MetadataWriter(meta, run_id, flush_seconds=3600), Planner(spec, spec.manifest, run_id)
-    done, batch = 0, []
+    done, batch, now = 0, [], dt.datetime.now(dt.UTC)
     for number, row in read_rows(spec.manifest):
         if number % 100 == 0:
             continue
-        batch += [ResultRow.for_item(item, Status.ok) for item in planner.resolve(row, number)]
+        batch += [item.record(Status.ok, None, now) for item in planner.resolve(row, number)]
         if len(batch) >= 10_000:
             writer.add(batch)
             done, batch = done + len(batch), []

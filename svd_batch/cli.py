@@ -131,7 +131,8 @@ def render(
     for number, image in enumerate(images, start=1):
         row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
         try:
-            items += planner.resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number)
+            resolved = planner.resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number)
+            items += [r.work_item() for r in resolved]
         except RowError as exc:
             raise fail(f"{image}: {exc.field}: {exc.reason}") from None
     from svd_batch.engine.loader import ModelError

@@ -32,7 +32,7 @@ from svd_batch.engine.loader import ModelError, check_model_dir
 from svd_batch.manifest import read_rows
 from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
 from svd_batch.plan import Planner, RowError
-from svd_batch.schema import JobSpec, ResultRow, Status, WorkItem, explain
+from svd_batch.schema import JobSpec, ResultRow, Status, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
@@ -103,10 +103,6 @@ def _format_duration(seconds: float) -> str:
 def new_run_id() -> str:
     # Sorts chronologically, so "latest result per key" is the last part file that has it.
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def _row_for(item: WorkItem, status: Status, error: str | None = None) -> ResultRow:
-    return ResultRow.for_item(item, status, error=error, ended_at=dt.datetime.now(dt.UTC))
 
 
 def _bad_row(spec: JobSpec, run_id: str, error: RowError) -> ResultRow:
@@ -224,6 +220,7 @@ class Job:
         import ray
 
         plan, chunk, skipped = Plan(), [], []
+        now = dt.datetime.now(dt.UTC)
         planner = Planner(self.spec, self.spec.manifest, self.run_id)
         done, failed = self.index.done, self.index.failed
         try:
@@ -238,12 +235,12 @@ class Job:
                 for item in items:
                     if item.key in done or (item.key in failed and not self.retry_failed):
                         reason = None if item.key in done else "failed earlier; rerun with --retry-failed"
-                        skipped.append(_row_for(item, Status.skipped, reason))
+                        skipped.append(item.record(Status.skipped, reason, now))
                         if len(skipped) >= FLUSH_ROWS:
                             self._record(skipped, plan)
                             skipped = []
                         continue
-                    chunk.append(item.model_dump_json())
+                    chunk.append(item.work_item().model_dump_json())
                     plan.queued_keys.add(item.key)
                     # One object per pipeline call: Ray Data gives a whole block to one actor,
                     # so blocks of one batch let the pool share the work evenly.
@@ -257,9 +254,9 @@ class Job:
             plan.queued.append(ray.put(pa.table({"item": chunk})))
         return plan
 
-    def _record(self, rows: list[ResultRow], plan: Plan) -> None:
+    def _record(self, rows: list[ResultRow | dict[str, Any]], plan: Plan) -> None:
         self.writer.add(rows)
-        plan.counts.update(r.status for r in rows)
+        plan.counts.update(r["status"] if isinstance(r, dict) else r.status for r in rows)
 
     def render(self, plan: Plan) -> None:
         import ray

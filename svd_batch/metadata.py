@@ -8,9 +8,12 @@ it had not yet committed. The folder reads as one dataset in pyarrow, pandas and
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,9 +44,10 @@ class MetadataWriter:
     _parts: int = 0
     _last_flush: float = field(default_factory=time.monotonic)
 
-    def add(self, rows: pa.Table | Iterable[ResultRow]) -> None:
+    def add(self, rows: pa.Table | Iterable[ResultRow | dict[str, Any]]) -> None:
         if not isinstance(rows, pa.Table):
-            rows = pa.Table.from_pylist([r.model_dump() for r in rows], schema=RESULT_SCHEMA)
+            records = [r if isinstance(r, dict) else r.model_dump() for r in rows]
+            rows = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
         if rows.num_rows:
             self._buffer.append(rows)
             self._buffered += rows.num_rows
@@ -75,8 +79,12 @@ class MetadataWriter:
         if self._parts < 2:
             return
         keys = [f"part-{self.run_id}-{n:05d}.parquet" for n in range(self._parts)]
-        tables = [pq.read_table(io.BytesIO(self.storage.get_bytes(k))) for k in keys]
-        self.storage.put_bytes(_encode(pa.concat_tables(tables)), f"part-{self.run_id}-all.parquet")
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as merged:
+            # One part in memory at a time: a run can hold millions of rows.
+            with pq.ParquetWriter(merged.name, RESULT_SCHEMA, compression="zstd") as out:
+                for key in keys:
+                    out.write_table(_conform(pq.read_table(io.BytesIO(self.storage.get_bytes(key))), RESULT_SCHEMA))
+            self.storage.put_file(Path(merged.name), f"part-{self.run_id}-all.parquet")
         for key in keys:
             self.storage.delete(key)
 

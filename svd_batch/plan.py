@@ -9,6 +9,7 @@ rows mostly share, are validated and serialised once.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import itertools
@@ -16,6 +17,7 @@ import json
 import posixpath
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -63,6 +65,53 @@ def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One planned video. Most of a rerun's rows are only looked up and skipped, so this stays
+    a plain record; a WorkItem (validated, sent to a worker) is made only for rows to render."""
+
+    job: str
+    run_id: str
+    id: str
+    video_index: int
+    key: str
+    image: str
+    seed: int
+    params: RenderParams
+    params_record: dict[str, Any]
+    tags: dict[str, Any]
+
+    def work_item(self) -> WorkItem:
+        return WorkItem(
+            job=self.job,
+            run_id=self.run_id,
+            id=self.id,
+            video_index=self.video_index,
+            key=self.key,
+            image=self.image,
+            seed=self.seed,
+            params=self.params,
+            tags=json.dumps(self.tags, sort_keys=True) if self.tags else None,
+        )
+
+    def record(self, status: str, error: str | None, ended_at: dt.datetime) -> dict[str, Any]:
+        """A skipped row (ResultRow's fields; the rest null) without building a model. The row
+        that made the video, in an earlier run, carries its outputs and tags."""
+        return {
+            "job": self.job,
+            "run_id": self.run_id,
+            "id": self.id,
+            "video_index": self.video_index,
+            "key": self.key,
+            "status": status,
+            "error": error,
+            "seed": self.seed,
+            "params": self.params_record,
+            "image": self.image,
+            "ended_at": ended_at,
+        }
+
+
 class Planner:
     def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str) -> None:
         self.spec, self.run_id = spec, run_id
@@ -72,13 +121,13 @@ class Planner:
         self.model_json = json.dumps(model, sort_keys=True)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per job; the cache dies with it)
-    def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str]:
+    def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str, dict[str, Any]]:
         params = RenderParams.model_validate({**self.defaults, **dict(overrides)})
         if params.latents is not None:
             params = params.model_copy(update={"latents": join_uri(self.base, params.latents)})
-        return params, params.model_dump_json()
+        return params, params.model_dump_json(), params.model_dump()
 
-    def resolve(self, row: ManifestRow, line: int) -> list[WorkItem]:
+    def resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         """The work items (one per output video) of a valid row, after the spec's sweep."""
         sweep = self.spec.sweep
         if not sweep:
@@ -90,10 +139,10 @@ class Planner:
             items += self._resolve(row.model_copy(update={**combo, "id": f"{row.id}[{label}]"}), line)
         return items
 
-    def _resolve(self, row: ManifestRow, line: int) -> list[WorkItem]:
+    def _resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         overrides = tuple(sorted((k, _freeze(v)) for k, v in row.overrides().items()))
         try:
-            params, params_json = self._params(overrides)
+            params, params_json, params_record = self._params(overrides)
         except ValidationError as exc:
             field, reason = explain(exc, RenderParams)[0]
             raise RowError(line, row.id, field, reason) from None
@@ -101,20 +150,10 @@ class Planner:
         seed = row.seed if row.seed is not None else derive_seed(self.spec.seed, row.id)
         shaping = "\x00".join((row.id, image, str(seed), params_json, self.model_json))
         stem = f"videos/{safe_name(row.id)}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"
-        tags = json.dumps(row.tags, sort_keys=True) if row.tags else None
         return [
-            # Already validated: construct without validating again (this runs per row).
-            WorkItem.model_construct(
-                job=self.spec.name,
-                run_id=self.run_id,
-                id=row.id,
-                video_index=v,
-                key=f"{stem}-v{v}",
-                image=image,
-                # Video v of a row is exactly what a one-video row with seed + v would render.
-                seed=seed + v,
-                params=params,
-                tags=tags,
+            # Video v of a row is exactly what a one-video row with seed + v would render.
+            Resolved(
+                self.spec.name, self.run_id, row.id, v, f"{stem}-v{v}", image, seed + v, params, params_record, row.tags
             )
             for v in range(params.num_videos_per_prompt)
         ]

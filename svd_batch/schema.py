@@ -89,6 +89,7 @@ class RenderParams(Strict):
 
 
 RENDER_FIELDS = tuple(RenderParams.model_fields)
+_RENDER_FIELD_SET = frozenset(RENDER_FIELDS)
 
 Tags = dict[str, str | int | float | bool | None]
 
@@ -107,7 +108,13 @@ class _ManifestCore(Strict):
         return value
 
     def overrides(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in RENDER_FIELDS if getattr(self, name) is not None}
+        # Only the fields the row set (pydantic tracks them): most rows set none, and this runs
+        # for every row of every manifest.
+        return {
+            name: value
+            for name in self.model_fields_set & _RENDER_FIELD_SET
+            if (value := getattr(self, name)) is not None
+        }
 
 
 def _optional(annotation: Any, constraints: list[Any]) -> Any:

@@ -24,6 +24,9 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 def client(address: str | None):  # type: ignore[no-untyped-def]
     from ray.job_submission import JobSubmissionClient
 
+    # Ray 2.60 turns token authentication on for new clusters; its client sends the token
+    # (RAY_AUTH_TOKEN, or ~/.ray/auth_token) only when told that the cluster uses one.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     return JobSubmissionClient(address or os.environ.get("RAY_JOBS_ADDRESS") or DEFAULT_ADDRESS)
 
 

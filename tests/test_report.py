@@ -43,7 +43,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
         }
     )
     planner = Planner(spec, spec.manifest, "20260101T000000Z-test")
-    items = [item for n, row in read_rows(spec.manifest) for item in planner.resolve(row, n)]
+    items = [item.work_item() for n, row in read_rows(spec.manifest) for item in planner.resolve(row, n)]
     writer = MetadataWriter(open_storage(spec.metadata_uri), "20260101T000000Z-test")
     writer.add(RowWorker(spec).process(items))
     writer.close()
