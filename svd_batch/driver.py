@@ -26,7 +26,6 @@ from typing import Any
 import pyarrow as pa
 import yaml
 from pydantic import ValidationError
-from ray.data.exceptions import ExecutionTimeoutError
 
 from svd_batch.engine.loader import ModelError, check_model_dir
 from svd_batch.manifest import read_rows
@@ -72,6 +71,8 @@ def load_spec(path: Path) -> JobSpec:
     update: dict[str, Any] = {"manifest": anchor(spec.manifest), "output": anchor(spec.output), "model": model}
     if spec.metadata:
         update["metadata"] = anchor(spec.metadata)
+    if spec.manifest_base:
+        update["manifest_base"] = anchor(spec.manifest_base)
     return spec.model_copy(update=update)
 
 
@@ -260,6 +261,7 @@ class Job:
 
     def render(self, plan: Plan) -> None:
         import ray
+        from ray.data.exceptions import ExecutionTimeoutError
 
         from svd_batch.worker import DrainFlag, worker_class
 
@@ -301,9 +303,12 @@ class Job:
 
         self.start()
         timers = self._arm_timers()
+        # Submitted through the Jobs API, the job's runtime env already carries WORKER_ENV (see
+        # submit.py), and Ray refuses to merge a second one that sets the same variables.
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(
             address=self.address or os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env=None if submitted else {"env_vars": WORKER_ENV},
             include_dashboard=False if not (self.address or os.environ.get("RAY_ADDRESS")) else None,
             log_to_driver=False,
             ignore_reinit_error=True,

@@ -115,7 +115,7 @@ class Resolved:
 class Planner:
     def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str) -> None:
         self.spec, self.run_id = spec, run_id
-        self.base = manifest_dir(manifest_uri)
+        self.base = spec.manifest_base or manifest_dir(manifest_uri)
         self.defaults = spec.defaults.model_dump()
         model = {"path": str(spec.model.path), "dtype": spec.model.dtype, "variant": spec.model.variant}
         self.model_json = json.dumps(model, sort_keys=True)

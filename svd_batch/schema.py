@@ -158,6 +158,9 @@ class WorkersSpec(Strict):
 class JobSpec(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     manifest: str
+    # Folder that relative paths in the manifest resolve against; default: the manifest's own.
+    # `svd-batch submit` sets it when it ships a local manifest to the cluster.
+    manifest_base: str | None = None
     output: str
     metadata: str | None = None  # default: <output>/metadata
     model: ModelSpec

@@ -22,11 +22,12 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
 def client(address: str | None):  # type: ignore[no-untyped-def]
+    # Ray 2.60 turns token authentication on for new clusters; its client sends the token
+    # (RAY_AUTH_TOKEN, or ~/.ray/auth_token) only when told that the cluster uses one, and
+    # reads that when ray is first imported: nothing before this imports ray.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
-    # Ray 2.60 turns token authentication on for new clusters; its client sends the token
-    # (RAY_AUTH_TOKEN, or ~/.ray/auth_token) only when told that the cluster uses one.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     return JobSubmissionClient(address or os.environ.get("RAY_JOBS_ADDRESS") or DEFAULT_ADDRESS)
 
 
@@ -39,6 +40,8 @@ def package(spec_path: Path, into: Path) -> None:
         source = local_path(manifest, base)
         shutil.copy2(source, into / source.name)
         raw["manifest"] = source.name
+        # Its rows' relative paths still mean the folder it came from (a shared filesystem).
+        raw.setdefault("manifest_base", str(source.parent))
     for key in ("output", "metadata"):
         value = raw.get(key)
         if value and "://" not in str(value):

@@ -113,7 +113,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     from svd_batch.driver import WORKER_ENV
 
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, **WORKER_ENV}
+    # As on a real cluster, whose image has svd-batch installed: the entrypoint finds it on PATH.
+    env = {**os.environ, **WORKER_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     head = subprocess.Popen(
         [
             sys.executable,
@@ -160,8 +161,9 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     done = cli("submit", str(spec), "--address", ray_head)
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.strip().split()[-1]
-    assert wait_for(job_id, ray_head, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    state = wait_for(job_id, ray_head, {"SUCCEEDED", "FAILED"})
     logs = cli("logs", job_id, "--address", ray_head).stdout
+    assert state == "SUCCEEDED", logs[-3000:]
     assert "ok" in logs and "metadata:" in logs
     assert sorted(results(spec).id) == ["q0", "q1"]  # written where the spec said, from the cluster
 
