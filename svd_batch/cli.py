@@ -310,7 +310,7 @@ def logs(
 
 @app.command()
 def stop(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
-    """Stop a submitted job (its driver gets SIGTERM and drains)."""
+    """Stop a submitted job: Ray sends its driver SIGTERM (it drains) and kills it after 15 minutes."""
     from svd_batch import submit as jobs
 
     out.print(f"{job_id} {'stopping' if jobs.stop(job_id, address) else 'was not running'}")

@@ -56,7 +56,9 @@ def submit(spec_path: Path, address: str | None, run_args: list[str]) -> str:
         package(spec_path, Path(folder))
         return client(address).submit_job(
             entrypoint=" ".join(["svd-batch", "run", "job.yaml", *run_args]),
-            runtime_env={"working_dir": folder, "env_vars": WORKER_ENV},
+            # `svd-batch stop` makes Ray SIGTERM the driver, which drains; Ray SIGKILLs it after
+            # RAY_JOB_STOP_WAIT_TIME_S (default 3 s), too soon for the batches in flight.
+            runtime_env={"working_dir": folder, "env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "900"}},
             metadata={"svd_batch_spec": spec_path.name},
         )
 
