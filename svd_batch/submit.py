@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,16 +52,29 @@ def package(spec_path: Path, into: Path) -> None:
     (into / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def submit(spec_path: Path, address: str | None, run_args: list[str]) -> str:
+def submit(spec_path: Path, address: str | None, run_args: list[str], wait_s: float = 120.0) -> str:
     with tempfile.TemporaryDirectory(prefix="svd-batch-submit-") as folder:
         package(spec_path, Path(folder))
-        return client(address).submit_job(
-            entrypoint=" ".join(["svd-batch", "run", "job.yaml", *run_args]),
-            # `svd-batch stop` makes Ray SIGTERM the driver, which drains; Ray SIGKILLs it after
-            # RAY_JOB_STOP_WAIT_TIME_S (default 3 s), too soon for the batches in flight.
-            runtime_env={"working_dir": folder, "env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "900"}},
-            metadata={"svd_batch_spec": spec_path.name},
-        )
+        jobs, delay, deadline = client(address), 1.0, time.monotonic() + wait_s
+        while True:
+            try:
+                return _submit(jobs, folder, spec_path, run_args)
+            except RuntimeError as exc:
+                # A head that has just started answers 500 until its job agent is up.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+def _submit(jobs, folder: str, spec_path: Path, run_args: list[str]) -> str:  # type: ignore[no-untyped-def]
+    return jobs.submit_job(
+        entrypoint=" ".join(["svd-batch", "run", "job.yaml", *run_args]),
+        # `svd-batch stop` makes Ray SIGTERM the driver, which drains; Ray SIGKILLs it after
+        # RAY_JOB_STOP_WAIT_TIME_S (default 3 s), too soon for the batches in flight.
+        runtime_env={"working_dir": folder, "env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "900"}},
+        metadata={"svd_batch_spec": spec_path.name},
+    )
 
 
 def status(job_id: str, address: str | None) -> str:
