@@ -259,7 +259,7 @@ class Job:
         self.writer.add(rows)
         plan.counts.update(r["status"] if isinstance(r, dict) else r.status for r in rows)
 
-    def render(self, plan: Plan) -> None:
+    def render(self, plan: Plan, total: int) -> None:
         import ray
         from ray.data.exceptions import ExecutionTimeoutError
 
@@ -284,7 +284,6 @@ class Job:
             max_restarts=workers.max_attempts,
             max_task_retries=-1,
         )
-        total = sum(plan.counts.values()) + len(plan.queued_keys)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 self.writer.add(batch)
@@ -330,7 +329,7 @@ class Job:
         state = "failed"
         try:
             if plan.queued and not self.stopped:
-                self.render(plan)
+                self.render(plan, total)
             state = "stopped" if self.stopped else "finished"
         finally:
             for timer in timers:
