@@ -108,11 +108,24 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real Ray head with its job server, separate from the session's cluster."""
+    import urllib.error
     import urllib.request
 
     from svd_batch.driver import WORKER_ENV
 
     port, dashboard = free_port(), free_port()
+    # The session's cluster already holds Ray's fixed default agent ports (52365 ...): a second
+    # head on the same machine that reuses them starts without a job agent.
+    agent_ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+        )
+    ]
     # As on a real cluster, whose image has svd-batch installed: the entrypoint finds it on PATH.
     env = {**os.environ, **WORKER_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     head = subprocess.Popen(
@@ -128,6 +141,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
             "--include-dashboard=true",
             "--num-cpus=4",
             f"--temp-dir={tmp_path_factory.mktemp('rayhead')}",
+            *agent_ports,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -138,8 +152,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=1)
             break
+        except urllib.error.HTTPError:  # 401 under token auth: the server is up
+            break
         except OSError:
             time.sleep(0.5)
+    else:
+        head.kill()
+        raise AssertionError("the Ray head's dashboard never answered")
     yield address
     head.send_signal(signal.SIGTERM)
     head.wait(timeout=60)
