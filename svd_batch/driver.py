@@ -28,7 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from svd_batch.engine.loader import ModelError, check_model_dir
-from svd_batch.manifest import read_rows
+from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
 from svd_batch.plan import Planner, RowError
 from svd_batch.schema import JobSpec, ResultRow, Status, explain
@@ -130,14 +130,17 @@ class Plan:
 def validate(spec: JobSpec) -> Iterator[RowError]:
     """Every problem in the manifest, without rendering anything."""
     planner = Planner(spec, spec.manifest, "validate")
-    for number, row in read_rows(spec.manifest):
-        if isinstance(row, RowError):
-            yield row
-            continue
-        try:
-            planner.resolve(row, number)
-        except RowError as exc:
-            yield exc
+    try:
+        for number, row in read_rows(spec.manifest):
+            if isinstance(row, RowError):
+                yield row
+                continue
+            try:
+                planner.resolve(row, number)
+            except RowError as exc:
+                yield exc
+    except ManifestError as exc:
+        raise JobError(str(exc)) from None
 
 
 @dataclass
@@ -248,7 +251,7 @@ class Job:
                     if len(chunk) == self.spec.workers.batch_size:
                         plan.queued.append(ray.put(pa.table({"item": chunk})))
                         chunk = []
-        except StorageError as exc:
+        except (StorageError, ManifestError) as exc:
             raise JobError(str(exc)) from None
         self._record(skipped, plan)
         if chunk:

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from svd_batch.schema import FitPolicy
 
@@ -62,8 +62,8 @@ def load_image(data: bytes, width: int, height: int, policy: FitPolicy | str) ->
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(
-                    f"image is {img.width}x{img.height}, above the {MAX_PIXELS:,}-pixel limit; "
-                    "downscale it before rendering"
+                    f"image is {img.width}x{img.height}, above the {MAX_PIXELS:,}-pixel limit (refused as a "
+                    "possible decompression bomb); downscale it before rendering"
                 )
             img.seek(0)  # animated GIF / WebP / APNG: the first frame
             img.load()
@@ -71,7 +71,13 @@ def load_image(data: bytes, width: int, height: int, policy: FitPolicy | str) ->
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image refused as a decompression bomb ({exc}); downscale it") from exc
+        raise ImageError(
+            f"image refused as a possible decompression bomb ({exc}); downscale it below {MAX_PIXELS:,} pixels"
+        ) from exc
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not a readable image (no image format recognised in its bytes); re-export it as PNG or JPEG"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"not a readable image ({exc}); re-export it as PNG or JPEG") from exc
     return InputImage(

@@ -24,6 +24,9 @@ from svd_batch.schema import ManifestRow, explain
 from svd_batch.storage import StorageError, _s3_client, local_path
 
 PARQUET_BATCH = 4096
+# Rows are small (an id, a path, a few tags); a larger one is a mistake, such as a whole
+# caption file pasted into a tag, and would be copied into every metadata row it makes.
+MAX_ROW_CHARS = 64 * 1024
 Raw = dict[str, Any] | RowError
 
 
@@ -47,9 +50,32 @@ def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
         yield handle
 
 
+def _too_big(number: int, row_id: str | None) -> RowError:
+    return RowError(
+        number,
+        row_id,
+        "(line)",
+        f"row is larger than {MAX_ROW_CHARS:,} characters; keep tags short, store data elsewhere",
+    )
+
+
+def _lines(text: io.TextIOBase) -> Iterator[str | None]:
+    """Lines, or None for a line too long to hold: it is read past, never kept in memory."""
+    while line := text.readline(MAX_ROW_CHARS + 1):
+        if len(line) <= MAX_ROW_CHARS or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := text.readline(MAX_ROW_CHARS)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
 def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
     # utf-8-sig drops a byte-order mark; newline=None accepts \n, \r\n and \r alike.
-    for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None), start=1):
+    for number, line in enumerate(_lines(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)), start=1):
+        if line is None:
+            yield number, _too_big(number, None)
+            continue
         if not line.strip():
             continue
         try:
@@ -76,8 +102,17 @@ def _csv_cell(value: str | None) -> Any:
 
 def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    csv.field_size_limit(MAX_ROW_CHARS)
     reader = csv.DictReader(text)
-    for record in reader:
+    while True:
+        last = reader.line_num
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # a cell above the limit; the reader goes on at the next row
+            yield last + 1, _too_big(last + 1, None)
+            continue
         number = reader.line_num  # the physical line, so quoted multi-line cells still point right
         if None in record:
             yield (
@@ -118,9 +153,14 @@ def read_raw(uri: str) -> Iterator[tuple[int, Raw]]:
             yield from _jsonl(stream)
 
 
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (as opposed to one of its rows)."""
+
+
 def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
     """Validated rows; the second occurrence of an id is an error, never a silent overwrite."""
     seen: set[str] = set()
+    number = 0
     for number, raw in read_raw(uri):
         if isinstance(raw, RowError):
             yield number, raw
@@ -139,3 +179,5 @@ def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
             continue
         seen.add(row.id)
         yield number, row
+    if not number:
+        raise ManifestError(f"manifest {uri} has no rows; add one JSON object (or CSV/Parquet row) per input image")

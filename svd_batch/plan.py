@@ -72,6 +72,7 @@ class Resolved:
 
     job: str
     run_id: str
+    line: int
     id: str
     video_index: int
     key: str
@@ -85,6 +86,7 @@ class Resolved:
         return WorkItem(
             job=self.job,
             run_id=self.run_id,
+            line=self.line,
             id=self.id,
             video_index=self.video_index,
             key=self.key,
@@ -153,7 +155,17 @@ class Planner:
         return [
             # Video v of a row is exactly what a one-video row with seed + v would render.
             Resolved(
-                self.spec.name, self.run_id, row.id, v, f"{stem}-v{v}", image, seed + v, params, params_record, row.tags
+                self.spec.name,
+                self.run_id,
+                line,
+                row.id,
+                v,
+                f"{stem}-v{v}",
+                image,
+                seed + v,
+                params,
+                params_record,
+                row.tags,
             )
             for v in range(params.num_videos_per_prompt)
         ]

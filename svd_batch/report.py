@@ -22,7 +22,7 @@ from svd_batch.storage import open_storage, read_uri
 
 TIMINGS = ("denoise_s", "decode_s", "encode_s", "upload_s")
 MAX_POSTERS = 500
-ROW_PREFIX = re.compile(r"^(row id '.*?'|row \d+ \(id .*?\)|key \S+): ")
+ROW_PREFIX = re.compile(r"^(row \d+ \(id .*?\)|key \S+): ")
 
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}

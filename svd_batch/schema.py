@@ -191,6 +191,7 @@ class WorkItem(BaseModel):
 
     job: str
     run_id: str
+    line: int  # in the manifest, for error messages
     id: str
     video_index: int
     key: str
@@ -237,6 +238,8 @@ class ResultRow(BaseModel):
     upload_s: float | None = None
     node: str | None = None  # host / Ray node id
     device: str | None = None
+    dtype: str | None = None  # what the video was computed in: the model's, or fp32 after a retry
+    recovery: str | None = None  # what it took to make this video, when the first try failed
     worker: str | None = None  # the worker (Ray actor) that made it
     attempt: int = 1
     started_at: dt.datetime | None = None

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from svd_batch.encode import encode
 from svd_batch.engine.loader import load_pipeline
-from svd_batch.engine.renderer import RenderedVideo, Renderer, VideoRequest
+from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, VideoRequest
 from svd_batch.images import load_image
 from svd_batch.schema import RESULT_SCHEMA, JobSpec, ResultRow, Status, WorkItem
 from svd_batch.storage import open_storage, read_uri
@@ -63,7 +63,7 @@ class RowWorker:
         ready = [p for p in prepared if p.request is not None]
         for p, video in zip(ready, self._render([p.request for p in ready]), strict=True):
             if isinstance(video, Exception):
-                self._fail(p.row, f"render: {_one_line(video)}")
+                self._fail(p, "render", video)
             else:
                 self._write(p, video)
         return [p.row for p in prepared]
@@ -76,6 +76,7 @@ class RowWorker:
             model_sha256=self.model.sha256,
             node=self.node,
             device=self.model.device,
+            dtype=self.model.dtype,
             worker=self.worker_id,
             attempt=attempt,
             started_at=_now(),
@@ -83,19 +84,20 @@ class RowWorker:
         if not self._loads_reported:
             # The model load belongs to the first row this worker makes, not to every row.
             row.load_s, self._loads_reported = self.load_s, True
+        prepared, field = _Prepared(item, row), "params"
         try:
-            params = self.renderer.resolve(item.params)
-            row.params = params
+            params = row.params = self.renderer.resolve(item.params)
+            field = "image"
             image = load_image(read_uri(item.image), params.width, params.height, params.fit)
             row.input_width, row.input_height, row.input_sha256 = image.width, image.height, image.sha256
+            field = "latents"
             latents = None
             if params.latents is not None:
                 latents = np.load(io.BytesIO(read_uri(params.latents)), allow_pickle=False)
-            return _Prepared(item, row, VideoRequest(image.image, params, item.seed, latents))
+            prepared.request = VideoRequest(image.image, params, item.seed, latents)
         except Exception as exc:
-            field = "image" if row.input_sha256 is None else "params"
-            self._fail(row, f"{field}: {_one_line(exc)}")
-            return _Prepared(item, row)
+            self._fail(prepared, field, exc)
+        return prepared
 
     def _render(self, requests: list[VideoRequest]) -> list[RenderedVideo | Exception]:
         if not requests:
@@ -104,19 +106,39 @@ class RowWorker:
             return list(self.renderer.render(requests))
         except Exception as exc:
             if len(requests) == 1:
-                return [exc]
+                return [self._again_in_float32(requests[0], exc)]
         # A shared call failed: render each request alone so that only the culprit fails.
         results: list[RenderedVideo | Exception] = []
         for request in requests:
             try:
                 results.extend(self.renderer.render([request]))
             except Exception as exc:
-                results.append(exc)
+                results.append(self._again_in_float32(request, exc))
         return results
+
+    def _again_in_float32(self, request: VideoRequest, exc: Exception) -> RenderedVideo | Exception:
+        """NaN or black frames from a half-precision model are most often an overflow: one retry
+        in float32. A float32 model would compute the same frames again, so it is not retried."""
+        if not isinstance(exc, OutputError) or self.model.dtype == "fp32":
+            return exc
+        try:
+            with self.model.in_float32():
+                video = self.renderer.render([request])[0]
+        except Exception as again:
+            return OutputError(f"{exc}; again in fp32: {again}")
+        video.recovery.append(f"{exc} in {self.model.dtype}; rendered again in fp32")
+        video.dtype = "fp32"
+        return video
 
     def _write(self, p: _Prepared, video: RenderedVideo) -> None:
         row = p.row
         row.denoise_s, row.decode_s = video.denoise_s, video.decode_s
+        row.dtype = video.dtype or row.dtype
+        planned = p.item.params.decode_chunk_size or row.params.num_frames
+        if video.decode_chunk_size != planned:
+            row.params = row.params.model_copy(update={"decode_chunk_size": video.decode_chunk_size})
+            video.recovery.append(f"out of memory in decode; decode_chunk_size {planned} -> {video.decode_chunk_size}")
+        row.recovery = "; ".join(video.recovery) or None
         try:
             with tempfile.TemporaryDirectory(prefix="svd-batch-") as tmp:
                 started = time.perf_counter()
@@ -131,7 +153,7 @@ class RowWorker:
                     setattr(row, f"{fmt}_uri", uris[0] if len(uris) == 1 else uris[0].rsplit("/", 1)[0] + "/")
                 row.upload_s = time.perf_counter() - started
         except Exception as exc:
-            self._fail(row, f"output: {_one_line(exc)}")
+            self._fail(p, "output", exc)
             return
         row.status, row.error, row.ended_at = Status.ok, None, _now()
 
@@ -142,8 +164,10 @@ class RowWorker:
         return f"{stem}{file.suffix}"
 
     @staticmethod
-    def _fail(row: ResultRow, error: str) -> None:
-        row.status, row.error, row.ended_at = Status.failed, f"row id {row.id!r}: {error}", _now()
+    def _fail(p: _Prepared, stage: str, exc: BaseException) -> None:
+        # The same shape as the driver's RowError: row number, id, where it failed, why and the fix.
+        error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {_one_line(exc)}"
+        p.row.status, p.row.error, p.row.ended_at = Status.failed, error, _now()
 
 
 def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:

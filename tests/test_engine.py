@@ -160,8 +160,10 @@ def test_rows_with_different_call_settings_are_split(renderer: Renderer, images:
     assert not np.array_equal(out[0].frames, out[1].frames)
 
 
-def test_num_frames_defaults_to_the_models(renderer: Renderer) -> None:
+def test_num_frames_defaults_to_the_models_and_cannot_exceed_it(renderer: Renderer) -> None:
     assert renderer.resolve(RenderParams(height=32, width=32)).num_frames == 4
+    with pytest.raises(ValueError, match="num_frames 5 is more than the 4 this model was trained for; use at most 4"):
+        renderer.resolve(RenderParams(height=32, width=32, num_frames=5))
 
 
 def test_size_the_model_cannot_take_says_what_it_needs(renderer: Renderer) -> None:

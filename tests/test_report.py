@@ -51,7 +51,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
 
 
 def test_error_kinds_group_without_the_row() -> None:
-    assert error_kind("row id 'a': image: ImageError: not a readable image (x)") == "image: ImageError"
+    assert error_kind("row 3 (id 'a'): image: ImageError: not a readable image (x)") == "image: ImageError"
     assert error_kind("row 12 (id 'b'): motion_bucket: unknown field; did you mean") == "motion_bucket: unknown field"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,25 @@ class LoadedModel:
     device: str
     num_frames: int
     size_multiple: int  # height and width must be multiples of this
+    dtype: str  # as in ModelSpec: fp32, fp16, bf16
+
+    @contextmanager
+    def in_float32(self) -> Iterator[None]:
+        """Compute in float32 for a while, in place: half-precision overflow (NaN frames) is the
+        usual reason to ask, and a second float32 copy of SVD would not fit beside the first."""
+        import mindspore as ms
+
+        cells = [self.pipe.image_encoder, self.pipe.unet, self.pipe.vae]
+        before = [next(iter(cell.get_parameters())).dtype for cell in cells]
+        try:
+            for cell in cells:
+                for parameter in cell.get_parameters():
+                    parameter.set_dtype(ms.float32)
+            yield
+        finally:
+            for cell, dtype in zip(cells, before, strict=True):
+                for parameter in cell.get_parameters():
+                    parameter.set_dtype(dtype)
 
 
 def _weight_files(component: Path, variant: str | None) -> list[Path]:
@@ -134,4 +155,5 @@ def load_pipeline(spec: ModelSpec, device: runtime.Device = "cpu") -> LoadedMode
         device=device_label,
         num_frames=int(pipe.unet.config.num_frames),
         size_multiple=pipe.vae_scale_factor * 2 ** (unet_levels - 1),
+        dtype=spec.dtype,
     )

@@ -9,6 +9,7 @@ and image latents differently when a call holds more than one image.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,19 @@ class OutputError(RuntimeError):
     """The pipeline returned frames that cannot be a video (NaN, all black)."""
 
 
+# How MindSpore and the Ascend runtime word an allocation failure (MemoryError aside). On CPU,
+# MindSpore aborts the process on std::bad_alloc instead: that surfaces as a worker death.
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|memory (?:malloc|alloc\w*) fail|more than total mem size|memory isn't enough|memory not enough",
+    re.IGNORECASE,
+)
+BLACK = 2  # a video whose brightest pixel is at most this (of 255) is all black
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or bool(OUT_OF_MEMORY.search(str(exc)))
+
+
 @dataclass
 class VideoRequest:
     image: Image.Image  # RGB, already at params.height x params.width
@@ -43,6 +57,9 @@ class RenderedVideo:
     denoise_s: float  # this video's share of its call
     decode_s: float
     batch: int  # videos in the call that made it
+    decode_chunk_size: int  # frames per VAE decode, as used (halved after running out of memory)
+    dtype: str | None = None  # set when it was computed in another dtype than the model's
+    recovery: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,8 +79,16 @@ class Renderer:
                 raise ValueError(
                     f"{name} {value} is not a multiple of {m}, which this model needs; use {lower} or {upper}"
                 )
+        most = self.model.num_frames
         if params.num_frames is None:
-            params = params.model_copy(update={"num_frames": self.model.num_frames})
+            params = params.model_copy(update={"num_frames": most})
+        elif params.num_frames > most:
+            # SVD's temporal layers are trained for a fixed clip length (unet.config.num_frames):
+            # longer clips run but drift, and their memory grows with the square of the length.
+            raise ValueError(
+                f"num_frames {params.num_frames} is more than the {most} this model was trained for; "
+                f"use at most {most} (or a model with longer clips, such as SVD-XT's 25)"
+            )
         return params
 
     def render(self, requests: Sequence[VideoRequest]) -> list[RenderedVideo]:
@@ -105,7 +130,7 @@ class Renderer:
             return kwargs
 
         start = time.perf_counter()
-        frames = self.model.pipe(
+        latents = self.model.pipe(
             [r.image for r in group],
             height=p.height,
             width=p.width,
@@ -117,26 +142,38 @@ class Renderer:
             fps=p.fps,
             motion_bucket_id=p.motion_bucket_id,
             noise_aug_strength=p.noise_aug_strength,
-            decode_chunk_size=p.decode_chunk_size,
             num_videos_per_prompt=1,
             generator=generators,
             latents=latents,
-            output_type="np",
+            output_type="latent",
+            return_dict=False,
             callback_on_step_end=step_end,
         )
+        # 4. Decode apart from denoising, so that running out of memory there costs only a retry
+        # of the decode, with fewer frames at a time, never the denoising steps.
+        frames, chunk = self._decode(latents, p.num_frames, p.decode_chunk_size or p.num_frames)
         end = time.perf_counter()
-        # 4. Decoded floats in [0, 1] -> uint8 frames, checked before anyone encodes them
+        # 5. Floats in [0, 1] -> uint8 frames, checked before anyone encodes them
         n = len(group)
         videos = []
-        for video in np.asarray(frames):
-            if not np.isfinite(video).all():
-                raise OutputError("the pipeline produced NaN/inf frames")
-            videos.append(
-                RenderedVideo(
-                    frames=(np.clip(video, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8),
-                    denoise_s=(last_step - start) / n,
-                    decode_s=(end - last_step) / n,
-                    batch=n,
-                )
-            )
+        for video in frames:
+            pixels = (np.clip(video, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            if pixels.max() <= BLACK:
+                raise OutputError("every frame is black")
+            videos.append(RenderedVideo(pixels, (last_step - start) / n, (end - last_step) / n, n, chunk))
         return videos
+
+    def _decode(self, latents: object, num_frames: int, chunk: int) -> tuple[np.ndarray, int]:
+        pipe = self.model.pipe
+        while True:
+            try:
+                frames = pipe.decode_latents(latents, num_frames, chunk)
+            except Exception as exc:
+                if chunk == 1 or not is_out_of_memory(exc):
+                    raise
+                chunk //= 2
+                continue
+            # Checked before post-processing, whose clamp would turn NaN into black.
+            if not np.isfinite(frames.asnumpy()).all():
+                raise OutputError("the pipeline produced NaN/inf frames")
+            return np.asarray(pipe.video_processor.postprocess_video(video=frames, output_type="np")), chunk
