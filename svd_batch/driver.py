@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ from svd_batch.schema import JobSpec, ResultRow, Status, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
+log = logging.getLogger(__name__)
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 WORKER_ENV = {
     "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
@@ -177,8 +179,11 @@ class Job:
                 "metadata": self.spec.metadata_uri,
                 "updated_at": dt.datetime.now(dt.UTC).isoformat(),
             }
-            # Beside the part files; the leading underscore keeps dataset readers off it.
-            self.meta.put_bytes(json.dumps(document, indent=2).encode(), "_status.json")
+            try:
+                # Beside the part files; the leading underscore keeps dataset readers off it.
+                self.meta.put_bytes(json.dumps(document, indent=2).encode(), "_status.json")
+            except StorageError as exc:  # a progress note: never worth stopping the job for
+                log.warning("status not written: %s", exc)
 
     def drain(self, reason: str) -> None:
         """Stop taking rows: batches in flight finish and are committed; the rest are left."""
@@ -338,7 +343,10 @@ class Job:
             for timer in timers:
                 timer.cancel()
             self._account(plan)
-            self.writer.close()
+            try:
+                self.writer.close()
+            except StorageError as exc:
+                raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
             self._report(plan, total, state, force=True)
         return plan.counts
 

@@ -8,6 +8,7 @@ it had not yet committed. The folder reads as one dataset in pyarrow, pandas and
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 import time
 from collections.abc import Iterable
@@ -19,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from svd_batch.schema import RESULT_SCHEMA, ResultRow, Status
-from svd_batch.storage import Storage
+from svd_batch.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 # A part is committed when either bound is reached: small enough that a crash loses little,
 # large enough that a long job does not explode into tiny files.
@@ -54,12 +57,24 @@ class MetadataWriter:
         if self._buffered >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, must: bool = False) -> None:
+        """Commit the buffer as one part. While storage is down the rows stay buffered for the
+        next flush, so an outage costs no rows and no job; only a `must` flush raises."""
         self._last_flush = time.monotonic()
         if not self._buffered:
             return
         table = pa.concat_tables(self._buffer).cast(RESULT_SCHEMA)
-        self.storage.put_bytes(_encode(table), f"part-{self.run_id}-{self._parts:05d}.parquet")
+        try:
+            self.storage.put_bytes(_encode(table), f"part-{self.run_id}-{self._parts:05d}.parquet")
+        except StorageError as exc:
+            if must:
+                raise StorageError(
+                    f"{self._buffered} metadata rows could not be committed ({exc}); their videos are in "
+                    "storage, and a rerun renders them again"
+                ) from None
+            log.warning("metadata commit postponed, %d rows kept for the next try: %s", self._buffered, exc)
+            self._buffer, self._buffered = [table], table.num_rows
+            return
         self._parts += 1
         self._buffer, self._buffered = [], 0
 
@@ -75,7 +90,7 @@ class MetadataWriter:
         crash between writing the merged file and deleting the parts leaves rows twice, which
         the resume index (a set of keys) and `latest()` both tolerate.
         """
-        self.flush()
+        self.flush(must=True)
         if self._parts < 2:
             return
         keys = [f"part-{self.run_id}-{n:05d}.parquet" for n in range(self._parts)]

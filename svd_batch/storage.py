@@ -34,9 +34,14 @@ def _s3_client():  # type: ignore[no-untyped-def]
     import boto3
     from botocore.config import Config
 
-    # botocore's "standard" mode retries throttling (SlowDown) and 5xx with exponential
-    # backoff and jitter; "adaptive" would add client-side rate limiting on top.
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    # botocore's "standard" mode retries throttling (SlowDown), 5xx and refused connections with
+    # exponential backoff and jitter (up to 20 s a wait); "adaptive" would add client-side rate
+    # limiting on top. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE still override, as in every AWS tool.
+    retries = {
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+    }
+    config = Config(retries=retries, connect_timeout=5, read_timeout=60)
     return boto3.session.Session().client("s3", config=config)
 
 

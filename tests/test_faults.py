@@ -1,0 +1,133 @@
+"""Issue 7: storage that breaks mid-job, and secrets that must not leak."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+
+from svd_batch.metadata import MetadataWriter, read_table
+from svd_batch.schema import RESULT_SCHEMA
+from svd_batch.storage import S3Storage, _s3_client, open_storage
+from tests.s3_proxy import FaultyS3
+from tests.test_job import write_job
+from tests.test_operate import rows_and_images
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[FaultyS3]:
+    faulty = FaultyS3(s3_server)
+    yield faulty
+    faulty.slowdown_every = 0
+
+
+def _bucket(s3_server: str) -> str:
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+def _latest(metadata_uri: str) -> pd.DataFrame:
+    df = read_table(open_storage(metadata_uri)).to_pandas()
+    return df.sort_values("ended_at").groupby(["id", "video_index"]).last()
+
+
+def _videos_in(s3_server: str, bucket: str) -> set[str]:
+    listing = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket, Prefix="out/videos/")
+    return {f"s3://{bucket}/{o['Key']}" for o in listing.get("Contents", [])}
+
+
+def _run(spec: Path, proxy: FaultyS3, *args: str, attempts: int = 8) -> subprocess.Popen[str]:
+    env = {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": str(attempts)}
+    # A separate local Ray cluster: its workers must see the proxy as their S3 endpoint.
+    return subprocess.Popen(
+        [sys.executable, "-m", "svd_batch.cli", "run", str(spec), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+def test_metadata_commits_wait_out_an_outage(proxy: FaultyS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = _bucket(proxy.upstream.geturl())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    _s3_client.cache_clear()
+    try:
+        writer = MetadataWriter(S3Storage(bucket, "meta"), "r1", flush_rows=1)
+        row = {name: None for name in RESULT_SCHEMA.names} | {
+            "job": "j", "run_id": "r1", "id": "a", "video_index": 0, "key": "k", "status": "ok", "image": "i",
+            "attempt": 1,
+        }  # fmt: skip
+        proxy.stop()
+        writer.add([row])  # the commit fails: the row stays buffered, the job goes on
+        with pytest.raises(Exception, match="1 metadata rows could not be committed"):
+            writer.flush(must=True)
+        proxy.start()
+        writer.add([{**row, "id": "b"}])
+        writer.close()
+        assert sorted(read_table(S3Storage(bucket, "meta")).column("id").to_pylist()) == ["a", "b"]
+    finally:
+        _s3_client.cache_clear()
+
+
+@pytest.mark.slow
+def test_s3_slowdown_is_retried_with_backoff(tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str) -> None:
+    bucket = _bucket(s3_server)
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 4), tiny_model, output=f"s3://{bucket}/out")
+    proxy.slowdown_every = 3  # one request in three is throttled, metadata and videos alike
+    job = _run(spec, proxy)
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-2000:]
+    assert proxy.throttled >= 4 and any("attempt=2" in a for a in proxy.attempts)
+    latest = _latest(f"s3://{bucket}/out/metadata")
+    assert (latest.status == "ok").all() and len(latest) == 4
+    assert set(latest.mp4_uri) == _videos_in(s3_server, bucket)
+
+
+@pytest.mark.slow
+def test_s3_stopped_mid_job_fails_rows_that_a_rerun_makes(
+    tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
+) -> None:
+    bucket = _bucket(s3_server)
+    rows = rows_and_images(tmp_path, 6)
+    spec = write_job(
+        tmp_path,
+        rows,
+        tiny_model,
+        output=f"s3://{bucket}/out",
+        metadata=str(tmp_path / "meta"),
+        workers={"count": 1, "batch_size": 1},
+    )
+    job = _run(spec, proxy, attempts=3)
+    deadline = time.monotonic() + 300
+    while not any("/videos/" in p for p in proxy.puts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proxy.stop()  # the S3 endpoint goes away with the job in full flow
+    time.sleep(15)
+    proxy.start()
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 1, err[-2000:]  # finished, with failed rows
+    first = _latest(str(tmp_path / "meta"))
+    failed = first[first.status == "failed"]
+    assert len(failed) >= 1 and (first.status == "ok").sum() >= 1
+    assert failed.error.str.contains("output: StorageError: upload to s3://").all(), failed.error.tolist()
+    assert set(first[first.status == "ok"].mp4_uri) == _videos_in(s3_server, bucket)
+
+    job = _run(spec, proxy, "--retry-failed")
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-2000:]
+    final = _latest(str(tmp_path / "meta"))
+    assert len(final) == len(rows) and (final.status.isin(["ok", "skipped"])).all()
+    made = read_table(open_storage(str(tmp_path / "meta"))).to_pandas()
+    assert sorted(made[made.status == "ok"].id) == sorted(r["id"] for r in rows)  # each row made exactly once
+    assert set(made[made.status == "ok"].mp4_uri) == _videos_in(s3_server, bucket)
