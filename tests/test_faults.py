@@ -17,8 +17,9 @@ import pytest
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
 from svd_batch.storage import S3Storage, _s3_client, open_storage
+from tests.conftest import make_image
 from tests.s3_proxy import FaultyS3
-from tests.test_job import write_job
+from tests.test_job import cli, write_job
 from tests.test_operate import rows_and_images
 
 
@@ -131,3 +132,38 @@ def test_s3_stopped_mid_job_fails_rows_that_a_rerun_makes(
     made = read_table(open_storage(str(tmp_path / "meta"))).to_pandas()
     assert sorted(made[made.status == "ok"].id) == sorted(r["id"] for r in rows)  # each row made exactly once
     assert set(made[made.status == "ok"].mp4_uri) == _videos_in(s3_server, bucket)
+
+
+def test_credentials_never_reach_logs_status_metadata_or_report(
+    tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster
+) -> None:  # type: ignore[no-untyped-def]
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    bucket = _bucket(s3_server)
+    rows = [{"id": "ok", "image": "img/0.png"}, {"id": "gone", "image": f"s3://{bucket}/no/such.png"}]
+    make_image(tmp_path / "img" / "0.png")
+    spec = write_job(tmp_path, rows, tiny_model, output=f"s3://{bucket}/run")
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = cli("run", str(spec), "--address", address, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]  # one row failed, and says so
+    assert cli("report", f"s3://{bucket}/run").returncode == 0
+    seen = {"cli output": done.stdout + done.stderr}
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]:  # status, Parquet parts, report, videos
+        seen[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode("latin-1")
+    assert any(key.endswith("_status.json") for key in seen) and any(key.endswith("report.html") for key in seen)
+    logs = Path(ray_cluster._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    for file in logs.rglob("*"):
+        if file.is_file():
+            seen[str(file)] = file.read_bytes().decode("latin-1")
+    assert len(seen) > 20
+    leaks = [where for where, text in seen.items() if any(secret in text for secret in secrets)]
+    assert not leaks
+
+
+def test_a_job_spec_cannot_run_code(tmp_path: Path, tiny_model: Path) -> None:
+    marker = tmp_path / "pwned"
+    spec = write_job(tmp_path, [{"id": "a", "image": "a.png"}], tiny_model)
+    spec.write_text(spec.read_text() + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
+    done = cli("validate", str(spec))
+    assert done.returncode == 2 and "not valid YAML" in done.stderr and "python/object/apply" in done.stderr
+    assert not marker.exists()

@@ -171,7 +171,21 @@ BAD_ROWS = {  # id: (extra row fields, the field and fix its error must name)
     "unknown-field": ({"motion_bukcet_id": 3}, "motion_bukcet_id: unknown field; did you mean 'motion_bucket_id'?"),
     "nul\x00byte": ({}, "id: Value error, id contains a NUL byte; use printable characters"),
     "x" * 1025: ({}, "id: String should have at most 1024 characters"),
+    "pickled-latents": (
+        {"latents": "evil.npy"},
+        "latents: ValueError: Object arrays cannot be loaded when allow_pickle=False",
+    ),
 }
+
+
+class Marker:
+    """Unpickling it creates a file: proof that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.path), "w"))
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +195,8 @@ def hostile_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_
     rows = [{"id": f"img-{name}", "image": f"img/{name}"} for name in expected]
     rows += [{"id": row_id, "image": "img/plain.png"} for row_id in PATH_IDS]
     rows += [{"id": row_id, "image": "img/plain.png", **extra} for row_id, (extra, _) in BAD_ROWS.items()]
+    # Initial latents are a .npy file; one holding a pickle would run code as it loads.
+    np.save(folder / "evil.npy", np.array([Marker(folder / "pwned")], dtype=object), allow_pickle=True)
     spec = write_job(folder, rows, tiny_model, workers={"count": 2, "batch_size": 4})
     counts = Job(load_spec(spec)).run()
     assert counts == Counter(ok=sum(v is None for v in expected.values()) + len(PATH_IDS), failed=counts["failed"])
@@ -201,6 +217,7 @@ def test_every_good_row_is_ok_and_every_bad_row_says_why(hostile_job: Path) -> N
     for row_id, (_, reason) in BAD_ROWS.items():
         error = df.loc[row_id, "error"]
         assert df.loc[row_id, "status"] == "failed" and reason in error, error
+    assert not (hostile_job.parent / "pwned").exists()
 
 
 def test_nothing_is_written_outside_the_output_and_no_two_rows_share_a_file(hostile_job: Path) -> None:
@@ -213,7 +230,7 @@ def test_nothing_is_written_outside_the_output_and_no_two_rows_share_a_file(host
     on_disk = {p for p in (outputs / "videos").rglob("*") if p.is_file()}
     assert on_disk == videos  # metadata matches storage: no orphan, no temporary file, nothing missing
     written = {p for p in folder.rglob("*") if p.is_file() and outputs not in p.parents}
-    inputs = {folder / "job.yaml", folder / "manifest.jsonl"} | set((folder / "img").rglob("*"))
+    inputs = {folder / "job.yaml", folder / "manifest.jsonl", folder / "evil.npy"} | set((folder / "img").rglob("*"))
     assert written <= inputs | set((folder / "check").rglob("*"))
     assert not Path("/etc/escape.mp4").exists() and not any(folder.parent.glob("escape*"))
     assert all(len(p.name) < 255 for p in videos)

@@ -47,6 +47,15 @@ def results(spec_path: Path) -> pd.DataFrame:
     return read_table(open_storage(spec.metadata_uri)).to_pandas()
 
 
+def videos_match_metadata(spec_path: Path) -> bool:
+    """Every file under a final key is a video the metadata calls ok, and the other way round
+    (an interrupted write may leave only a hidden `.tmp-` file beside its key)."""
+    df = results(spec_path)
+    ok = {uri.removeprefix("file://") for uri in df[df.status == "ok"].mp4_uri}
+    folder = Path(load_spec(spec_path).output) / "videos"
+    return ok == {str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
 def run_job(spec_path: Path, **kwargs: object) -> Counter[str]:
     return Job(load_spec(spec_path), **kwargs).run()
 
@@ -225,6 +234,7 @@ def test_worker_killed_mid_render_loses_and_duplicates_nothing(
     df = results(spec)
     assert sorted(df.id) == [f"r{i}" for i in range(6)]  # none lost, none twice
     assert (df.attempt > 1).any()  # the rows of the killed worker were retried
+    assert videos_match_metadata(spec)
 
 
 @pytest.mark.slow
@@ -252,3 +262,4 @@ def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_mode
     df = results(spec)
     ok = df[df.status == "ok"]
     assert sorted(ok.id) == [f"d{i}" for i in range(8)]  # every row exactly once
+    assert videos_match_metadata(spec)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -108,9 +110,6 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real Ray head with its job server, separate from the session's cluster."""
-    import urllib.error
-    import urllib.request
-
     from svd_batch.driver import WORKER_ENV
 
     port, dashboard = free_port(), free_port()
@@ -176,6 +175,9 @@ def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) 
 
 @pytest.mark.slow
 def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_model: Path, ray_head: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:  # Ray's token auth is on, and stays on
+        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
     spec = write_job(tmp_path / "a", rows_and_images(tmp_path / "a", 2), tiny_model)
     done = cli("submit", str(spec), "--address", ray_head)
     assert done.returncode == 0, done.stderr[-2000:]
