@@ -270,13 +270,16 @@ class Job:
     def render(self, plan: Plan, total: int) -> None:
         import ray
         from ray.data.exceptions import ExecutionTimeoutError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from svd_batch.worker import DrainFlag, worker_class
 
         workers = self.spec.workers
         resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
+        # On the driver's own node: a flag on another node would die with it, and the job with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         flag = ray.remote(num_cpus=0)(DrainFlag)
-        self._drain_flag = flag.options(name=DrainFlag.name(self.run_id)).remote()
+        self._drain_flag = flag.options(name=DrainFlag.name(self.run_id), scheduling_strategy=here).remote()
         if self.stopped:
             self._drain_flag.set.remote()
         ds = ray.data.from_arrow_refs(plan.queued).map_batches(

@@ -219,7 +219,9 @@ class RayWorker:
 
         try:
             return bool(ray.get(ray.get_actor(DrainFlag.name(run_id)).is_set.remote()))
-        except ValueError:  # no flag: a job run without one (e.g. from an older driver)
+        except (ValueError, ray.exceptions.RayActorError):
+            # No flag (a driver that made none) or a flag gone with its node: a request to stop
+            # cannot have come through it, and the rows must not fail for want of it.
             return False
 
 

@@ -7,7 +7,6 @@ own, so the scenario runs in a subprocess beside the session's shared cluster.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -54,11 +53,6 @@ def scenario(spec_path: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("SVD_BATCH_NODE_LOSS") != "1",
-    reason="flaky: passed 2 of 3 runs, once 5 of 8 rows were never returned after the node loss "
-    "(issue 4 open); run with SVD_BATCH_NODE_LOSS=1",
-)
 def test_node_removed_mid_job_every_row_ok(tmp_path: Path, tiny_model: Path) -> None:
     for i in range(8):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
