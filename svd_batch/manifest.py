@@ -50,13 +50,9 @@ def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
         yield handle
 
 
-def _too_big(number: int, row_id: str | None) -> RowError:
-    return RowError(
-        number,
-        row_id,
-        "(line)",
-        f"row is larger than {MAX_ROW_CHARS:,} characters; keep tags short, store data elsewhere",
-    )
+def _too_big(number: int) -> RowError:
+    reason = f"row is larger than {MAX_ROW_CHARS:,} characters; keep tags short, store data elsewhere"
+    return RowError(number, None, "(line)", reason)
 
 
 def _lines(text: io.TextIOBase) -> Iterator[str | None]:
@@ -74,7 +70,7 @@ def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
     # utf-8-sig drops a byte-order mark; newline=None accepts \n, \r\n and \r alike.
     for number, line in enumerate(_lines(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)), start=1):
         if line is None:
-            yield number, _too_big(number, None)
+            yield number, _too_big(number)
             continue
         if not line.strip():
             continue
@@ -110,8 +106,11 @@ def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
             record = next(reader)
         except StopIteration:
             return
-        except csv.Error:  # a cell above the limit; the reader goes on at the next row
-            yield last + 1, _too_big(last + 1, None)
+        except csv.Error as exc:  # the reader goes on at the next row
+            if "field limit" in str(exc):
+                yield last + 1, _too_big(last + 1)
+            else:
+                yield last + 1, RowError(last + 1, None, "(line)", f"not valid CSV ({exc}); quote the cell")
             continue
         number = reader.line_num  # the physical line, so quoted multi-line cells still point right
         if None in record:

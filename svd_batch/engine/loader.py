@@ -41,17 +41,19 @@ class LoadedModel:
         usual reason to ask, and a second float32 copy of SVD would not fit beside the first."""
         import mindspore as ms
 
-        cells = [self.pipe.image_encoder, self.pipe.unet, self.pipe.vae]
-        before = [next(iter(cell.get_parameters())).dtype for cell in cells]
+        # Each parameter's own dtype: loaders keep some layers in float32 inside a float16 model.
+        before = [
+            (parameter, parameter.dtype)
+            for cell in (self.pipe.image_encoder, self.pipe.unet, self.pipe.vae)
+            for parameter in cell.get_parameters()
+        ]
         try:
-            for cell in cells:
-                for parameter in cell.get_parameters():
-                    parameter.set_dtype(ms.float32)
+            for parameter, _ in before:
+                parameter.set_dtype(ms.float32)
             yield
         finally:
-            for cell, dtype in zip(cells, before, strict=True):
-                for parameter in cell.get_parameters():
-                    parameter.set_dtype(dtype)
+            for parameter, dtype in before:
+                parameter.set_dtype(dtype)
 
 
 def _weight_files(component: Path, variant: str | None) -> list[Path]:
