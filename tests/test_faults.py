@@ -16,7 +16,7 @@ import pytest
 
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
-from svd_batch.storage import S3Storage, _s3_client, open_storage
+from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
 from tests.conftest import make_image
 from tests.s3_proxy import FaultyS3
 from tests.test_job import cli, write_job
@@ -71,7 +71,7 @@ def test_metadata_commits_wait_out_an_outage(proxy: FaultyS3, monkeypatch: pytes
         }  # fmt: skip
         proxy.stop()
         writer.add([row])  # the commit fails: the row stays buffered, the job goes on
-        with pytest.raises(Exception, match="1 metadata rows could not be committed"):
+        with pytest.raises(StorageError, match="1 metadata rows could not be committed"):
             writer.flush(must=True)
         proxy.start()
         writer.add([{**row, "id": "b"}])
