@@ -249,6 +249,11 @@ def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
     out.print(f"metadata: {spec.metadata_uri}")
 
 
+def _print_log(text: str) -> None:
+    # A job's log as it is: Rich would read its brackets as markup and recolour its numbers.
+    out.print(text, end="", markup=False, highlight=False)
+
+
 ADDRESS = typer.Option(help="Ray dashboard / Jobs API address (default: RAY_JOBS_ADDRESS or http://127.0.0.1:8265).")
 
 
@@ -279,7 +284,7 @@ def submit(
         raise fail(f"cannot submit {job}: {str(exc).strip().splitlines()[0]}") from None
     out.print(f"submitted {job_id}")
     if wait:
-        jobs.follow(job_id, address, lambda chunk: out.print(chunk, end="", markup=False, highlight=False))
+        jobs.follow(job_id, address, _print_log)
         state = jobs.status(job_id, address)
         out.print(f"{job_id} {state}")
         raise typer.Exit(0 if state == "SUCCEEDED" else 1)
@@ -303,9 +308,9 @@ def logs(
     from svd_batch import submit as jobs
 
     if follow:
-        jobs.follow(job_id, address, lambda chunk: out.print(chunk, end="", markup=False, highlight=False))
+        jobs.follow(job_id, address, _print_log)
     else:
-        out.print(jobs.logs(job_id, address), end="", markup=False, highlight=False)
+        _print_log(jobs.logs(job_id, address))
 
 
 @app.command()
