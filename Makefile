@@ -8,9 +8,20 @@ STAMP := $(VENV)/.installed
 export PIP_CACHE_DIR := $(abspath $(VENV))/pip-cache
 export SVD_BATCH_CACHE := $(abspath .cache)
 
-.PHONY: setup browser demo test bench lint format clean
+REFERENCE := $(VENV)/torch-reference
+REFERENCE_STAMP := $(REFERENCE)/.installed
+
+.PHONY: setup reference browser demo test bench lint format clean
 
 setup: $(STAMP)
+
+# torch diffusers, the reference the parity tests hold our frames to: test-only, in its own venv.
+reference: $(REFERENCE_STAMP)
+
+$(REFERENCE_STAMP): requirements-reference.lock | $(STAMP)
+	@test -x $(REFERENCE)/bin/python || python3 -m venv $(REFERENCE)
+	$(REFERENCE)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-reference.lock
+	@touch $(REFERENCE_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +38,7 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
+test: setup reference browser
 	$(PY) -m pytest -q
 
 bench: setup

@@ -15,6 +15,10 @@ from svd_batch.schema import FitPolicy
 # Refuse images above this many pixels before decoding them: a tiny PNG can declare
 # gigapixels (a decompression bomb). 8192 x 8192 is far above any SVD input size.
 MAX_PIXELS = 8192 * 8192
+# The formats an image row may be. Pillow can open many more, and some hand the bytes to an
+# outside program (EPS and PostScript run Ghostscript): a manifest on a shared cluster is
+# untrusted input, so only these decoders are ever asked.
+FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 
 
 class ImageError(ValueError):
@@ -59,7 +63,7 @@ def load_image(data: bytes, width: int, height: int, policy: FitPolicy | str) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(
                     f"image is {img.width}x{img.height}, above the {MAX_PIXELS:,}-pixel limit (refused as a "
@@ -75,9 +79,7 @@ def load_image(data: bytes, width: int, height: int, policy: FitPolicy | str) ->
             f"image refused as a possible decompression bomb ({exc}); downscale it below {MAX_PIXELS:,} pixels"
         ) from exc
     except UnidentifiedImageError:
-        raise ImageError(
-            "not a readable image (no image format recognised in its bytes); re-export it as PNG or JPEG"
-        ) from None
+        raise ImageError(_unidentified(data)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"not a readable image ({exc}); re-export it as PNG or JPEG") from exc
     return InputImage(
@@ -86,3 +88,14 @@ def load_image(data: bytes, width: int, height: int, policy: FitPolicy | str) ->
         height=img.height,
         sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def _unidentified(data: bytes) -> str:
+    """Name the format of an image that is not one of FORMATS, if Pillow knows it: identifying
+    reads only the header, and nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            kind = other.format
+    except Exception:
+        return "not a readable image (no image format recognised in its bytes); re-export it as PNG or JPEG"
+    return f"{kind} images are not read (only {', '.join(FORMATS)}); convert it to PNG or JPEG"

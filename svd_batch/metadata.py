@@ -45,15 +45,18 @@ class MetadataWriter:
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered: int = 0
     _parts: int = 0
-    _last_flush: float = field(default_factory=time.monotonic)
+    # The first rows are committed at once, so a run shows its first result without waiting
+    # out a whole interval; after that, every flush_seconds.
+    _last_flush: float = float("-inf")
 
     def add(self, rows: pa.Table | Iterable[ResultRow | dict[str, Any]]) -> None:
         if not isinstance(rows, pa.Table):
             records = [r if isinstance(r, dict) else r.model_dump() for r in rows]
             rows = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
-        if rows.num_rows:
-            self._buffer.append(rows)
-            self._buffered += rows.num_rows
+        if not rows.num_rows:
+            return
+        self._buffer.append(rows)
+        self._buffered += rows.num_rows
         if self._buffered >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import svd_batch  # noqa: F401  (sets the protobuf implementation before anything imports it)
+from tests.helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SVD_BATCH_CACHE", str(ROOT / ".cache"))
-
-# Small enough that one tiny video renders in about a second on one core.
-FAST = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, "decode_chunk_size": 2}
 
 
 @pytest.fixture(scope="session")
@@ -33,26 +29,6 @@ def loaded(tiny_model: Path):  # type: ignore[no-untyped-def]
     return load_pipeline(ModelSpec(path=tiny_model))
 
 
-def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
-    """A textured test image (flat colours would hide fitting and orientation bugs)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], axis=-1)
-    noisy = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(noisy, "RGB").convert(mode).save(path)
-    return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():  # type: ignore[no-untyped-def]
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's server), for the whole session.
@@ -62,7 +38,6 @@ def s3_server():  # type: ignore[no-untyped-def]
     """
     import subprocess
     import sys
-    import time
     import urllib.request
 
     port = free_port()
@@ -72,12 +47,15 @@ def s3_server():  # type: ignore[no-untyped-def]
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(endpoint, timeout=1)
-            break
         except OSError:
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(answers, f"the S3 server on {endpoint}", timeout=120)
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing-key-id",

@@ -19,7 +19,7 @@ from svd_batch.engine.loader import ModelError, check_model_dir, load_pipeline
 from svd_batch.engine.renderer import Renderer, VideoRequest
 from svd_batch.images import fit
 from svd_batch.schema import ModelSpec, RenderParams
-from tests.conftest import FAST, make_image
+from tests.helpers import FAST, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

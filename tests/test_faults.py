@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +16,7 @@ import pytest
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
-from tests.conftest import make_image
-from tests.s3_proxy import FaultyS3
-from tests.test_job import cli, write_job
-from tests.test_operate import rows_and_images
+from tests.helpers import FaultyS3, cli, make_image, rows_and_images, status_counts, wait_until, write_job
 
 
 @pytest.fixture
@@ -110,11 +106,10 @@ def test_s3_stopped_mid_job_fails_rows_that_a_rerun_makes(
         workers={"count": 1, "batch_size": 1},
     )
     job = _run(spec, proxy, attempts=3)
-    deadline = time.monotonic() + 300
-    while not any("/videos/" in p for p in proxy.puts) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: any("/videos/" in p for p in proxy.puts), "the first video upload")
     proxy.stop()  # the S3 endpoint goes away with the job in full flow
-    time.sleep(15)
+    # Down until a row has failed for it (its upload's retries ran out), then back.
+    wait_until(lambda: status_counts(spec).get("failed"), "a row whose upload failed", timeout=600)
     proxy.start()
     _, err = job.communicate(timeout=600)
     assert job.returncode == 1, err[-2000:]  # finished, with failed rows

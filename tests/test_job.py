@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,48 +15,19 @@ import boto3
 import duckdb
 import pandas as pd
 import pytest
-import yaml
 
 from svd_batch.driver import Job, load_spec
-from svd_batch.metadata import read_table
-from svd_batch.storage import open_storage
-from tests.conftest import FAST, make_image
-
-
-def write_job(folder: Path, rows: list[dict], model: Path, **spec: object) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    document = {
-        "name": "t",
-        "manifest": "manifest.jsonl",
-        "output": "outputs",
-        "model": {"path": str(model)},
-        "defaults": FAST,
-        "formats": ["mp4"],
-        "workers": {"count": 1, "batch_size": 2},
-        "seed": 3,
-        **spec,
-    }
-    (folder / "job.yaml").write_text(yaml.safe_dump(document))
-    return folder / "job.yaml"
-
-
-def results(spec_path: Path) -> pd.DataFrame:
-    spec = load_spec(spec_path)
-    return read_table(open_storage(spec.metadata_uri)).to_pandas()
-
-
-def videos_match_metadata(spec_path: Path) -> bool:
-    """Every file under a final key is a video the metadata calls ok, and the other way round
-    (an interrupted write may leave only a hidden `.tmp-` file beside its key)."""
-    df = results(spec_path)
-    ok = {uri.removeprefix("file://") for uri in df[df.status == "ok"].mp4_uri}
-    folder = Path(load_spec(spec_path).output) / "videos"
-    return ok == {str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
-
-
-def run_job(spec_path: Path, **kwargs: object) -> Counter[str]:
-    return Job(load_spec(spec_path), **kwargs).run()
+from tests.helpers import (
+    FAST,
+    cli,
+    make_image,
+    results,
+    run_job,
+    videos_match_metadata,
+    wait_until,
+    worker_pids,
+    write_job,
+)
 
 
 @pytest.fixture(scope="module")
@@ -168,16 +138,6 @@ def test_a_job_that_cannot_be_scheduled_says_so(tmp_path: Path, tiny_model: Path
     assert "no_such_accelerator" in results(spec).error.iloc[0]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "svd_batch.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_validate_lists_every_bad_row(tmp_path: Path, tiny_model: Path) -> None:
     rows = [
         {"id": "ok", "image": "a.png"},
@@ -205,34 +165,28 @@ def test_unknown_spec_key_and_unreachable_storage_exit_2(tmp_path: Path, tiny_mo
     assert done.returncode == 2 and "s3://nowhere is not reachable" in done.stderr
 
 
-def worker_pids() -> list[int]:
-    import psutil
-
-    # Ray titles actor processes "ray::MapWorker(MapBatches(RayWorker))..."
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayWorker" in " ".join(p.info["cmdline"] or [])]
-
-
 @pytest.mark.slow
 def test_worker_killed_mid_render_loses_and_duplicates_nothing(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
-    for i in range(6):
+    for i in range(8):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
-    rows = [{"id": f"r{i}", "image": f"img/{i}.png"} for i in range(6)]
+    rows = [{"id": f"r{i}", "image": f"img/{i}.png"} for i in range(8)]
     spec = write_job(tmp_path, rows, tiny_model, defaults={**FAST, "num_inference_steps": 4})
     job = Job(load_spec(spec))
+    first_batch = threading.Event()
+    # The event: the worker's first batch is back, so it is loaded and rendering the next ones.
+    job.progress = lambda counts, total: counts.get("ok") and first_batch.set()
     outcome: list[Counter[str]] = []
     thread = threading.Thread(target=lambda: outcome.append(job.run()))
     thread.start()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (pids := worker_pids()):
-        time.sleep(0.5)
-    time.sleep(25)  # past the model load, into the renders
-    os.kill(pids[0], signal.SIGKILL)
+    assert first_batch.wait(timeout=600), "the worker never returned its first batch"
+    (pid,) = wait_until(worker_pids, "the worker process")
+    os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
-    assert outcome == [Counter(ok=6)]
+    assert outcome == [Counter(ok=8)]
     df = results(spec)
-    assert sorted(df.id) == [f"r{i}" for i in range(6)]  # none lost, none twice
+    assert sorted(df.id) == [f"r{i}" for i in range(8)]  # none lost, none twice
     assert (df.attempt > 1).any()  # the rows of the killed worker were retried
     assert videos_match_metadata(spec)
 
@@ -250,9 +204,7 @@ def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_mode
         stderr=subprocess.DEVNULL,
     )
     metadata = Path(load_spec(spec).metadata_uri)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(metadata.glob("part-*.parquet")) and driver.poll() is None:
-        time.sleep(0.5)
+    wait_until(lambda: list(metadata.glob("part-*.parquet")) or driver.poll() is not None, "a committed part")
     driver.kill()  # SIGKILL: no cleanup, no final flush
     driver.wait()
     committed = results(spec)

@@ -32,6 +32,14 @@ def test_parts_are_committed_then_merged_into_one_file_per_run(tmp_path: Path) -
     assert read_table(storage).schema.equals(RESULT_SCHEMA)
 
 
+def test_the_first_rows_are_committed_at_once_then_every_interval(tmp_path: Path) -> None:
+    writer = MetadataWriter(LocalStorage(tmp_path), "r1", flush_seconds=3600)
+    writer.add([row("a", Status.ok, "r1")])
+    assert [p.name for p in tmp_path.iterdir()] == ["part-r1-00000.parquet"]
+    writer.add([row("b", Status.ok, "r1")])
+    assert len(list(tmp_path.iterdir())) == 1  # the next rows wait for the interval (or the row bound)
+
+
 def test_resume_index_and_latest_follow_the_newest_run(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     for run, rows in (

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, make_image
-from tests.test_job import results, write_job
+from tests.helpers import FAST, make_image, results, write_job
 
 
 def hosts_a_worker(node) -> bool:  # type: ignore[no-untyped-def]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,8 +19,7 @@ from pydantic import ValidationError
 from svd_batch.driver import EXIT_STOPPED, Job, load_spec, next_deadline, parse_duration
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
-from tests.conftest import FAST, free_port, make_image
-from tests.test_job import cli, results, write_job
+from tests.helpers import FAST, cli, free_port, results, rows_and_images, status_counts, wait_until, write_job
 
 
 def spec_with(**fields: object) -> JobSpec:
@@ -58,12 +56,6 @@ def test_deadline_is_the_next_occurrence_in_local_time() -> None:
         parse_duration("eight hours")
 
 
-def rows_and_images(folder: Path, n: int) -> list[dict]:
-    for i in range(n):
-        make_image(folder / "img" / f"{i}.png", seed=i)
-    return [{"id": f"q{i}", "image": f"img/{i}.png"} for i in range(n)]
-
-
 def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
@@ -88,11 +80,7 @@ def test_sigterm_drains_and_exits_with_its_own_code(tmp_path: Path, tiny_model: 
         text=True,
     )
     status = Path(load_spec(spec).metadata_uri) / "_status.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if status.exists() and json.loads(status.read_text())["counts"].get("ok"):
-            break
-        time.sleep(0.5)
+    wait_until(lambda: status_counts(spec).get("ok"), "the first ok row in _status.json")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err[-2000:]
@@ -147,30 +135,32 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
         env=env,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=1)
-            break
-        except urllib.error.HTTPError:  # 401 under token auth: the server is up
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
+    try:
+        wait_until(lambda: _answers(f"{address}/api/version"), "the Ray head's dashboard", timeout=240, every=0.5)
+    except AssertionError:
         head.kill()
-        raise AssertionError("the Ray head's dashboard never answered")
+        raise
     yield address
     head.send_signal(signal.SIGTERM)
     head.wait(timeout=60)
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)
+    except urllib.error.HTTPError:  # 401 under token auth: the server is up
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = cli("status", job_id, "--address", address).stdout.strip().split()[-1]
-        if state in states:
-            return state
-        time.sleep(2)
-    raise AssertionError(f"job {job_id} never reached {states}")
+    def state() -> str | None:
+        now = cli("status", job_id, "--address", address).stdout.strip().split()[-1]
+        return now if now in states else None
+
+    return wait_until(state, f"job {job_id} to reach {states}", timeout=timeout, every=2)
 
 
 @pytest.mark.slow

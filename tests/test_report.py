@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ from svd_batch.metadata import MetadataWriter
 from svd_batch.report import build, error_kind, write
 from svd_batch.schema import JobSpec
 from svd_batch.storage import open_storage
-from tests.conftest import FAST, make_image
+from tests.helpers import FAST, make_image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -55,12 +59,43 @@ def test_error_kinds_group_without_the_row() -> None:
     assert error_kind("row 12 (id 'b'): motion_bucket: unknown field; did you mean") == "motion_bucket: unknown field"
 
 
+class Page(HTMLParser):
+    """What a reader of the page gets: its visible text, its links and its pictures."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "a":
+            self.links.append(values["href"] or "")
+        elif tag == "img":
+            self.images.append(values["src"] or "")
+
+    def handle_data(self, data: str) -> None:
+        if data.strip():
+            self.text.append(data.strip())
+
+
 def test_report_has_counts_failures_timings_and_posters(rendered: Path) -> None:
-    page = build(str(rendered / "metadata"))
-    assert page.count("<img src='data:image/jpeg;base64,") == 3
-    assert "image: ImageError: 1 rows" in page
-    assert page.count("<svg") == 4 and "denoise: median" in page
-    assert "src='http" not in page and "href='http" not in page  # self-contained
+    page = Page(build(str(rendered / "metadata")))
+    text = " | ".join(page.text)
+    assert "ok | failed | skipped | 3 | 1 | 0" in text  # the counts table, header then values
+    assert "Failures (1)" in text and "image: ImageError: 1 rows" in text and "row 4 (id 'bad')" in text
+    for stage in ("denoise", "decode", "encode", "upload"):
+        assert re.search(rf"{stage}: median [0-9.e-]+ s, p95 [0-9.e-]+ s, n=3", text), stage
+    assert "Contact sheet (3 of 3)" in text and {"r0 #0", "r1 #0", "r2 #0"} <= set(page.text)
+    videos = [link for link in page.links if link.endswith(".mp4")]
+    assert len(videos) == 3 and all(Path(link.removeprefix("file://")).stat().st_size > 0 for link in videos)
+    assert len(page.images) == 3  # a poster frame per video, inline, each a real picture
+    for src in page.images:
+        assert src.startswith("data:image/jpeg;base64,")  # self-contained: nothing fetched from elsewhere
+        poster = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+        assert 0 < max(poster.shape[:2]) <= 128 and poster.std() > 5  # thumbnails, not blank
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by `make test` (apt-get)")

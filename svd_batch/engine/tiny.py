@@ -92,12 +92,33 @@ def _seed_weights(cell: object, rng: np.random.Generator) -> None:
         param.set_data(ms.Tensor(drawn))
 
 
-def _mark_safetensors_as_pt(directory: Path) -> None:
-    """mindone writes `format: np`; torch-side loaders (transformers) refuse anything but pt."""
+def hub_names(cell: object) -> dict[str, str]:
+    """{MindSpore parameter name: the name a hub checkpoint gives the same tensor}.
+
+    MindSpore's LayerNorm calls its scale and shift `gamma` / `beta` and its Embedding's table
+    `embedding_table`; torch (and so every hub checkpoint) calls them `weight` / `bias` /
+    `weight`. mindone maps hub names to its own on load but does not map back on save.
+    """
+    from mindspore import nn
+
+    own = {nn.LayerNorm: {"gamma": "weight", "beta": "bias"}, nn.Embedding: {"embedding_table": "weight"}}
+    renames = {}
+    for path, sub in cell.cells_and_names():
+        for kind, names in own.items():
+            if isinstance(sub, kind):
+                prefix = f"{path}." if path else ""
+                renames.update({prefix + ms: prefix + hub for ms, hub in names.items()})
+    return renames
+
+
+def _write_as_hub_checkpoint(component: Path, renames: dict[str, str]) -> None:
+    """Rewrite a component's weights under hub tensor names, with `format: pt` metadata:
+    mindone writes `format: np`, which transformers' torch loader refuses."""
     from safetensors.numpy import load_file, save_file
 
-    for path in sorted(directory.rglob("*.safetensors")):
-        save_file(load_file(str(path)), str(path), metadata={"format": "pt"})
+    for path in sorted(component.glob("*.safetensors")):
+        tensors = {renames.get(name, name): value for name, value in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
@@ -134,5 +155,6 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     index = json.loads(index_path.read_text())
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _mark_safetensors_as_pt(out_dir)
+    for name, component in (("unet", unet), ("vae", vae), ("image_encoder", image_encoder)):
+        _write_as_hub_checkpoint(out_dir / name, hub_names(component))
     return out_dir

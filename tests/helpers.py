@@ -1,0 +1,316 @@
+"""Helpers every test module may use: inputs, job specs, waiting for events, the faulty S3 hop.
+
+Test modules import from here only, never from each other; fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from svd_batch.driver import Job, load_spec
+from svd_batch.metadata import read_table
+from svd_batch.storage import open_storage
+
+T = TypeVar("T")
+
+# Small enough that one tiny video renders in about a second on one core.
+FAST = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, "decode_chunk_size": 2}
+
+
+def wait_until(probe: Callable[[], T], what: str, timeout: float = 300, every: float = 0.2) -> T:
+    """Poll until `probe` returns something truthy; fail naming the event if it never comes.
+
+    Tests wait for events (a committed row, a file, a worker), never for a fixed time: the
+    machines that run them differ in speed by 2x and more.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := probe():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
+    """A textured test image (flat colours would hide fitting and orientation bugs)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], axis=-1)
+    noisy = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noisy, "RGB").convert(mode).save(path)
+    return path
+
+
+def rows_and_images(folder: Path, n: int) -> list[dict]:
+    for i in range(n):
+        make_image(folder / "img" / f"{i}.png", seed=i)
+    return [{"id": f"q{i}", "image": f"img/{i}.png"} for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_job(folder: Path, rows: list[dict], model: Path, **spec: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    document = {
+        "name": "t",
+        "manifest": "manifest.jsonl",
+        "output": "outputs",
+        "model": {"path": str(model)},
+        "defaults": FAST,
+        "formats": ["mp4"],
+        "workers": {"count": 1, "batch_size": 2},
+        "seed": 3,
+        **spec,
+    }
+    (folder / "job.yaml").write_text(yaml.safe_dump(document))
+    return folder / "job.yaml"
+
+
+def results(spec_path: Path) -> pd.DataFrame:
+    spec = load_spec(spec_path)
+    return read_table(open_storage(spec.metadata_uri)).to_pandas()
+
+
+def committed_ok(spec_path: Path) -> int:
+    """How many ok rows are in committed Parquet parts (0 while there are none)."""
+    folder = Path(load_spec(spec_path).metadata_uri)
+    return int((results(spec_path).status == "ok").sum()) if list(folder.glob("part-*.parquet")) else 0
+
+
+def status_counts(spec_path: Path) -> dict[str, int]:
+    """The counts of the job's live `_status.json` ({} until the driver has written one)."""
+    status = Path(load_spec(spec_path).metadata_uri) / "_status.json"
+    try:
+        return json.loads(status.read_text())["counts"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or caught mid-replace
+        return {}
+
+
+def videos_match_metadata(spec_path: Path) -> bool:
+    """Every file under a final key is a video the metadata calls ok, and the other way round
+    (an interrupted write may leave only a hidden `.tmp-` file beside its key)."""
+    df = results(spec_path)
+    ok = {uri.removeprefix("file://") for uri in df[df.status == "ok"].mp4_uri}
+    folder = Path(load_spec(spec_path).output) / "videos"
+    return ok == {str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
+def run_job(spec_path: Path, **kwargs: object) -> Counter[str]:
+    return Job(load_spec(spec_path), **kwargs).run()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "svd_batch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def worker_pids() -> list[int]:
+    import psutil
+
+    # Ray titles actor processes "ray::MapWorker(MapBatches(SpecRayWorker))..."
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+# --- hostile images -------------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(side: int = 30_000) -> bytes:
+    """A real decompression bomb: a valid 1-bit PNG of side x side black pixels, ~100 kB on disk."""
+    row = b"\x00" + bytes((side + 7) // 8)
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def _save(image: Image.Image, path: Path, **kwargs: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+
+
+def write_images(folder: Path) -> dict[str, str | None]:
+    """Every kind of image a manifest can point at: {file name: None if it must render, else a
+    phrase its error must contain}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.open(make_image(folder / "plain.png"))
+
+    jpeg = io.BytesIO()
+    rgb.save(jpeg, "JPEG")
+    (folder / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    # A real PostScript file: Pillow would hand it to Ghostscript, which must never run on a
+    # shared cluster.
+    (folder / "page.eps").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+
+    ramp = (np.arange(48 * 40, dtype=np.uint32).reshape(40, 48) * 34).astype(np.uint16)
+    _save(Image.fromarray(ramp), folder / "16bit.png")
+    _save(rgb.convert("CMYK"), folder / "cmyk.jpg")
+    _save(rgb.convert("P", palette=Image.Palette.ADAPTIVE), folder / "palette.png", transparency=0)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    _save(rgba, folder / "alpha.png")
+    _save(rgb.convert("L"), folder / "gray.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored sideways, shown rotated 90 degrees clockwise
+    _save(rgb, folder / "exif.jpg", exif=exif)
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    _save(frames[0], folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    _save(Image.new("RGB", (1, 1), (10, 200, 30)), folder / "1x1.png")
+    make_image(folder / "wide.png", size=(8000, 3))
+    _save(rgb, folder / "plain.webp")
+    _save(rgb, folder / "plain.tiff")
+    _save(rgb, folder / "plain.bmp")
+
+    return {
+        "plain.png": None,
+        "truncated.jpg": "not a readable image",
+        "empty.png": "empty (0 bytes)",
+        "text.png": "not a readable image",
+        "bomb.png": "decompression bomb",
+        "page.eps": "EPS images are not read",
+        "16bit.png": None,
+        "cmyk.jpg": None,
+        "palette.png": None,
+        "alpha.png": None,
+        "gray.png": None,
+        "exif.jpg": None,
+        "animated.gif": None,
+        "1x1.png": None,
+        "wide.png": None,
+        "plain.webp": None,
+        "plain.tiff": None,
+        "plain.bmp": None,
+        "missing.png": "does not exist",
+    }
+
+
+# --- an S3 endpoint that breaks the way S3 breaks -------------------------------------------
+
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message><RequestId>proxy</RequestId></Error>"
+)
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+class FaultyS3:
+    """A real HTTP hop in front of the test S3 server.
+
+    It forwards every request to the real server, except that it can throttle (every n-th
+    request answered `503 SlowDown`, as S3 does under load) and can go away and come back
+    (`stop()` closes its port: connections are refused, like a server that is down).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlparse(upstream)
+        self.port = free_port()
+        self.slowdown_every = 0  # 0: never throttle
+        self.seen = 0
+        self.throttled = 0
+        self.attempts: list[str] = []  # botocore's amz-sdk-request header: "attempt=2; max=8"
+        self.puts: list[str] = []  # paths of successful PUTs
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _throttle(self) -> bool:
+        with self._lock:
+            self.seen += 1
+            if self.slowdown_every and self.seen % self.slowdown_every == 0:
+                self.throttled += 1
+                return True
+            return False
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # botocore's Expect: 100-continue needs it
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in HOP_BY_HOP:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                # No kept-alive connections: when the proxy stops, every client must reconnect.
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                self.close_connection = True
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.attempts.append(self.headers.get("amz-sdk-request", ""))
+                if proxy._throttle():
+                    self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+                    return
+                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                upstream.close()
+                if self.command == "PUT" and response.status == 200:
+                    proxy.puts.append(self.path)
+                self._answer(response.status, response.getheaders(), data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        return Handler
