@@ -34,9 +34,9 @@ PARAMS = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, 
 
 
 def tiny_model() -> Path:
-    from svd_batch.cli import cache_dir, ensure_tiny_model
+    from svd_batch.engine.tiny import ensure_tiny_model
 
-    return ensure_tiny_model(cache_dir() / "tiny-svd")
+    return ensure_tiny_model()
 
 
 def write_job(name: str, rows: int, workers: int, batch: int, model: Path) -> Path:
@@ -265,7 +265,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "rows": ROWS, "params": PARAMS}
     results["bare_batch1_vps"] = bare_loop(model, 1)
     results["bare_batch4_vps"] = bare_loop(model, 4)
-    from svd_batch.driver import WORKER_ENV
+    from svd_batch import WORKER_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     results["job_1w"] = job_run(model, 1, 4)

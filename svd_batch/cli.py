@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from svd_batch.schema import JobSpec
+from svd_batch.errors import first_line
+from svd_batch.schema import JobSpec, metadata_location
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -21,26 +19,6 @@ out = Console(soft_wrap=True)
 
 # Small enough for the tiny model to render in seconds on a CPU.
 TINY_DEFAULTS = {"height": 64, "width": 64, "num_inference_steps": 2, "decode_chunk_size": 2}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SVD_BATCH_CACHE", Path.home() / ".cache" / "svd-batch"))
-
-
-def ensure_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Build the tiny model once; concurrent builders never see a half-written directory."""
-    if (directory / "model_index.json").is_file():
-        return directory
-    from svd_batch.engine.tiny import build_tiny_model
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
-    build_tiny_model(staging, seed)
-    try:
-        staging.rename(directory)
-    except OSError:  # another process finished first; theirs is identical (same seed)
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -110,13 +88,16 @@ def render(
     }
     defaults = {k: v for k, v in options.items() if v is not None}
     if model is None:
-        model = ensure_tiny_model(cache_dir() / "tiny-svd")
+        from svd_batch.engine.tiny import ensure_tiny_model
+
+        model = ensure_tiny_model()
         defaults = {**TINY_DEFAULTS, **defaults}
     try:
         spec = JobSpec.model_validate(
             {
                 "name": "render",
-                "manifest": "-",
+                "manifest": str(Path.cwd() / "-"),
+                "inputs": {"allow": ["/"]},  # the images named on the command line, wherever they are
                 "output": str(out_dir.resolve()),
                 "defaults": defaults,
                 "formats": formats,
@@ -176,7 +157,13 @@ def validate_command(
 @app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else local).")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join: auto (the running local one) or HOST:PORT. Default: RAY_ADDRESS, "
+            "else a private local cluster."
+        ),
+    ] = None,
     retry_failed: Annotated[bool, typer.Option(help="Render again the rows that failed in earlier runs.")] = False,
     deadline: Annotated[
         str | None, typer.Option(help="HH:MM local time: stop taking rows then (next occurrence).")
@@ -228,6 +215,7 @@ def run(
         try:
             counts = runner.run()
         except JobError as exc:
+            bar.remove_task(task)  # the job never started: the one line below says why
             raise fail(str(exc), EXIT_CANNOT_START) from None
     _summary(spec, runner.run_id, counts)
     if runner.stalled:
@@ -281,7 +269,7 @@ def submit(
             run_args += ["--max-duration", max_duration]
         job_id = jobs.submit(job, address, run_args)
     except Exception as exc:
-        raise fail(f"cannot submit {job}: {str(exc).strip().splitlines()[0]}") from None
+        raise fail(f"cannot submit {job}: {first_line(exc)}") from None
     out.print(f"submitted {job_id}")
     if wait:
         jobs.follow(job_id, address, _print_log)
@@ -334,11 +322,11 @@ def report(
     """Write one self-contained HTML report: counts, failures by kind, timings, poster frames."""
     from svd_batch import report as reports
 
-    source = metadata or output.rstrip("/") + "/metadata"
+    source = metadata or metadata_location(output)
     try:
         written = reports.write(source, to or output.rstrip("/") + "/report.html")
     except Exception as exc:
-        raise fail(f"cannot report on {source}: {str(exc).strip().splitlines()[0]}") from None
+        raise fail(f"cannot report on {source}: {first_line(exc)}") from None
     out.print(f"report: {written}")
 
 

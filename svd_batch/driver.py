@@ -28,7 +28,10 @@ import pyarrow as pa
 import yaml
 from pydantic import ValidationError
 
+from svd_batch import WORKER_ENV
+from svd_batch.cluster import ClusterError, connect
 from svd_batch.engine.loader import ModelError, check_model_dir
+from svd_batch.errors import first_line
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
 from svd_batch.plan import Planner, RowError
@@ -38,11 +41,6 @@ from svd_batch.storage import StorageError, local_path, open_storage
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
 log = logging.getLogger(__name__)
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-WORKER_ENV = {
-    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 
 
 class JobError(RuntimeError):
@@ -56,7 +54,7 @@ def load_spec(path: Path) -> JobSpec:
     except FileNotFoundError:
         raise JobError(f"{path}: no such job spec") from None
     except yaml.YAMLError as exc:
-        raise JobError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise JobError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise JobError(f"{path}: a job spec is a mapping with name, manifest, output, model, ...")
     try:
@@ -75,6 +73,9 @@ def load_spec(path: Path) -> JobSpec:
         update["metadata"] = anchor(spec.metadata)
     if spec.manifest_base:
         update["manifest_base"] = anchor(spec.manifest_base)
+    if spec.inputs.allow:
+        allow = [root if root.startswith("s3://") else str(local_path(root, base)) for root in spec.inputs.allow]
+        update["inputs"] = spec.inputs.model_copy(update={"allow": allow})
     return spec.model_copy(update=update)
 
 
@@ -316,13 +317,10 @@ class Job:
         # Submitted through the Jobs API, the job's runtime env already carries WORKER_ENV (see
         # submit.py), and Ray refuses to merge a second one that sets the same variables.
         submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        ray.init(
-            address=self.address or os.environ.get("RAY_ADDRESS"),
-            runtime_env=None if submitted else {"env_vars": WORKER_ENV},
-            include_dashboard=False if not (self.address or os.environ.get("RAY_ADDRESS")) else None,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+        try:
+            connect(self.address, runtime_env=None if submitted else {"env_vars": WORKER_ENV}, log_to_driver=False)
+        except ClusterError as exc:
+            raise JobError(str(exc)) from None
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

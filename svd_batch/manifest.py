@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from svd_batch.plan import RowError
 from svd_batch.schema import ManifestRow, explain
-from svd_batch.storage import StorageError, _s3_client, local_path
+from svd_batch.storage import StorageError, local_path, s3_body
 
 PARQUET_BATCH = 4096
 # Rows are small (an id, a path, a few tags); a larger one is a mistake, such as a whole
@@ -32,12 +32,8 @@ Raw = dict[str, Any] | RowError
 
 @contextmanager
 def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        try:
-            body = _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
-        except Exception as exc:
-            raise StorageError(f"cannot read manifest {uri}: {str(exc).splitlines()[0]}") from exc
+    if urlparse(uri).scheme == "s3":
+        body = s3_body(uri)
         try:
             yield body
         finally:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from svd_batch.inputs import InputError, InputPolicy, manifest_dir
 from svd_batch.schema import JobSpec, ManifestRow, RenderParams, WorkItem, explain
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -38,11 +39,6 @@ def safe_name(row_id: str) -> str:
     """A readable, path-safe stem; uniqueness comes from the digest beside it, not from this."""
     name = SAFE_CHARS.sub("_", unicodedata.normalize("NFKC", row_id)).strip("._")
     return name[:SAFE_ID_LENGTH] or "row"
-
-
-def manifest_dir(manifest_uri: str) -> str:
-    """The folder that relative references in a manifest are relative to."""
-    return posixpath.dirname(manifest_uri.rstrip("/"))
 
 
 def join_uri(base_dir: str, reference: str) -> str:
@@ -118,6 +114,7 @@ class Planner:
     def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str) -> None:
         self.spec, self.run_id = spec, run_id
         self.base = spec.manifest_base or manifest_dir(manifest_uri)
+        self.inputs = InputPolicy.for_spec(spec)
         self.defaults = spec.defaults.model_dump()
         model = {"path": str(spec.model.path), "dtype": spec.model.dtype, "variant": spec.model.variant}
         self.model_json = json.dumps(model, sort_keys=True)
@@ -149,6 +146,12 @@ class Planner:
             field, reason = explain(exc, RenderParams)[0]
             raise RowError(line, row.id, field, reason) from None
         image = join_uri(self.base, row.image)
+        for field, uri in (("image", image), ("latents", params.latents)):
+            try:
+                if uri is not None:
+                    self.inputs.check(uri)
+            except InputError as exc:
+                raise RowError(line, row.id, field, str(exc)) from None
         seed = row.seed if row.seed is not None else derive_seed(self.spec.seed, row.id)
         shaping = "\x00".join((row.id, image, str(seed), params_json, self.model_json))
         stem = f"videos/{safe_name(row.id)}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"

@@ -40,16 +40,19 @@ class Strict(BaseModel):
 
 
 Positive = Annotated[int, Field(gt=0)]
+MAX_SIDE = 4096
 
 
 class RenderParams(Strict):
     """Every parameter of the pipeline call, plus how the input is fitted and exported."""
 
-    height: Annotated[int, Field(gt=0, multiple_of=8)] = 576
-    width: Annotated[int, Field(gt=0, multiple_of=8)] = 1024
+    # Bounded: a manifest is untrusted input on a shared cluster, and memory grows with the
+    # square of the side (4096 is 4x SVD-XT's 1024 side, already far beyond what it was trained for).
+    height: Annotated[int, Field(gt=0, le=MAX_SIDE, multiple_of=8)] = 576
+    width: Annotated[int, Field(gt=0, le=MAX_SIDE, multiple_of=8)] = 1024
     num_frames: Positive | None = None  # None: the model's own (unet.config.num_frames)
     num_inference_steps: Annotated[int, Field(gt=0, le=1000)] = 25
-    sigmas: list[Annotated[float, Field(ge=0)]] | None = None
+    sigmas: Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=1000)] | None = None
     min_guidance_scale: Annotated[float, Field(ge=0)] = 1.0
     max_guidance_scale: Annotated[float, Field(ge=0)] = 3.0
     fps: Annotated[int, Field(gt=0, le=240)] = 7  # conditioning only; the UNet sees fps - 1
@@ -155,6 +158,14 @@ class WorkersSpec(Strict):
     no_progress_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
 
+class InputsSpec(Strict):
+    """What rows may read (see inputs.py): a manifest is untrusted input on a shared cluster."""
+
+    # Local folders and s3://bucket/prefix roots; default: the manifest's own folder tree or prefix.
+    allow: Annotated[list[str], Field(min_length=1)] | None = None
+    max_bytes: Annotated[int, Field(gt=0)] = 64 * 2**20  # per input file, checked before reading
+
+
 class JobSpec(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     manifest: str
@@ -167,6 +178,7 @@ class JobSpec(Strict):
     defaults: RenderParams = RenderParams()
     formats: Annotated[list[Format], Field(min_length=1)] = [Format.mp4]
     workers: WorkersSpec = WorkersSpec()
+    inputs: InputsSpec = InputsSpec()
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     # Dataset synthesis: every row becomes one row per combination of these values.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
@@ -183,7 +195,12 @@ class JobSpec(Strict):
 
     @property
     def metadata_uri(self) -> str:
-        return self.metadata or self.output.rstrip("/") + "/metadata"
+        return self.metadata or metadata_location(self.output)
+
+
+def metadata_location(output: str) -> str:
+    """Where a job's metadata goes unless its spec says otherwise."""
+    return output.rstrip("/") + "/metadata"
 
 
 class WorkItem(BaseModel):

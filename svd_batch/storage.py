@@ -15,7 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from svd_batch.errors import first_line
+
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Temporary files are created 0600; a finished output gets the mode any other file would
+# (0644 under the usual umask 022), so the people and jobs that read outputs can.
+FILE_MODE = 0o666 & ~_read_umask()
 
 
 class StorageError(RuntimeError):
@@ -67,6 +80,7 @@ class LocalStorage:
         # Write beside the target and rename: readers see the whole file or nothing.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
             os.replace(tmp, target)
@@ -118,14 +132,14 @@ class S3Storage:
             # once it is complete, so no half-written video is ever visible under its key.
             _s3_client().upload_file(str(local), self.bucket, self._key(key), Config=_transfer_config())
         except Exception as exc:
-            raise StorageError(f"upload to {self.uri(key)} failed: {_reason(exc)}") from exc
+            raise StorageError(f"upload to {self.uri(key)} failed: {first_line(exc)}") from exc
         return self.uri(key)
 
     def put_bytes(self, data: bytes, key: str) -> str:
         try:
             _s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except Exception as exc:
-            raise StorageError(f"upload to {self.uri(key)} failed: {_reason(exc)}") from exc
+            raise StorageError(f"upload to {self.uri(key)} failed: {first_line(exc)}") from exc
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:
@@ -139,7 +153,7 @@ class S3Storage:
             for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         except Exception as exc:
-            raise StorageError(f"listing s3://{self.bucket}/{full} failed: {_reason(exc)}") from exc
+            raise StorageError(f"listing s3://{self.bucket}/{full} failed: {first_line(exc)}") from exc
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -150,17 +164,12 @@ class S3Storage:
             _s3_client().head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise StorageError(
-                f"s3://{self.bucket} is not reachable: {_reason(exc)}; check AWS_ENDPOINT_URL, credentials "
+                f"s3://{self.bucket} is not reachable: {first_line(exc)}; check AWS_ENDPOINT_URL, credentials "
                 "and that the bucket exists"
             ) from exc
 
 
 Storage = LocalStorage | S3Storage
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def open_storage(uri: str, base: Path | None = None) -> Storage:
@@ -186,15 +195,35 @@ def local_path(uri: str, base: Path | None = None) -> Path:
     return path.expanduser().resolve()
 
 
+def s3_body(uri: str):  # type: ignore[no-untyped-def]
+    """The streaming body of an `s3://` object; errors name the URI and why."""
+    parsed = urlparse(uri)
+    try:
+        return _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
+
+
+def read_s3(uri: str, max_bytes: int | None = None) -> bytes:
+    """An object's bytes; with `max_bytes`, its size is checked by HEAD before any is read."""
+    if max_bytes is not None:
+        parsed = urlparse(uri)
+        try:
+            size = _s3_client().head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["ContentLength"]
+        except Exception as exc:
+            raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
+        if size > max_bytes:
+            raise StorageError(
+                f"{uri} is {size / 2**20:.1f} MiB, above inputs.max_bytes ({max_bytes / 2**20:.1f} MiB); "
+                "shrink the file or raise inputs.max_bytes"
+            )
+    return s3_body(uri).read()
+
+
 def read_uri(uri: str, base: Path | None = None) -> bytes:
     """Bytes of a local path or `s3://` object; errors say which and why."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        try:
-            body = _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
-            return body.read()
-        except Exception as exc:
-            raise StorageError(f"cannot read {uri}: {_reason(exc)}") from exc
+    if urlparse(uri).scheme == "s3":
+        return read_s3(uri)
     path = local_path(uri, base)
     try:
         return path.read_bytes()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from svd_batch.driver import WORKER_ENV
+from svd_batch import WORKER_ENV
 from svd_batch.storage import local_path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -24,18 +24,15 @@ import pyarrow as pa
 from svd_batch.encode import encode
 from svd_batch.engine.loader import load_pipeline
 from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, VideoRequest
+from svd_batch.errors import first_line
 from svd_batch.images import load_image
+from svd_batch.inputs import InputPolicy
 from svd_batch.schema import RESULT_SCHEMA, JobSpec, ResultRow, Status, WorkItem
-from svd_batch.storage import open_storage, read_uri
+from svd_batch.storage import open_storage
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 @dataclass
@@ -52,6 +49,7 @@ class RowWorker:
         self.model = load_pipeline(spec.model, spec.workers.device)
         self.renderer = Renderer(self.model, max_batch=spec.workers.batch_size)
         self.storage = open_storage(spec.output)
+        self.inputs = InputPolicy.for_spec(spec)
         self.node = socket.gethostname()
         self.worker_id = f"pid-{os.getpid()}"
         self.load_s = time.perf_counter() - started
@@ -88,12 +86,12 @@ class RowWorker:
         try:
             params = row.params = self.renderer.resolve(item.params)
             field = "image"
-            image = load_image(read_uri(item.image), params.width, params.height, params.fit)
+            image = load_image(self.inputs.read(item.image), params.width, params.height, params.fit)
             row.input_width, row.input_height, row.input_sha256 = image.width, image.height, image.sha256
             field = "latents"
             latents = None
             if params.latents is not None:
-                latents = np.load(io.BytesIO(read_uri(params.latents)), allow_pickle=False)
+                latents = np.load(io.BytesIO(self.inputs.read(params.latents)), allow_pickle=False)
             prepared.request = VideoRequest(image.image, params, item.seed, latents)
         except Exception as exc:
             self._fail(prepared, field, exc)
@@ -166,7 +164,7 @@ class RowWorker:
     @staticmethod
     def _fail(p: _Prepared, stage: str, exc: BaseException) -> None:
         # The same shape as the driver's RowError: row number, id, where it failed, why and the fix.
-        error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {_one_line(exc)}"
+        error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {first_line(exc, with_type=True)}"
         p.row.status, p.row.error, p.row.ended_at = Status.failed, error, _now()
 
 

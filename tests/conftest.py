@@ -16,9 +16,9 @@ os.environ.setdefault("SVD_BATCH_CACHE", str(ROOT / ".cache"))
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from svd_batch.cli import cache_dir, ensure_tiny_model
+    from svd_batch.engine.tiny import ensure_tiny_model
 
-    return ensure_tiny_model(cache_dir() / "tiny-svd")
+    return ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def ray_cluster(s3_server: str):  # type: ignore[no-untyped-def]
     """One local Ray cluster shared by the job tests (started after S3, so workers see it)."""
     import ray
 
-    from svd_batch.driver import WORKER_ENV
+    from svd_batch import WORKER_ENV
 
     # 2 real cores; 4 logical CPUs leave room for Ray Data's own tasks beside 2 workers.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})

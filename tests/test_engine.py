@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,28 @@ def test_render_command_writes_videos(tiny_model: Path, tmp_path: Path) -> None:
     paths = [Path(p) for line in lines for p in line.split(": ", 1)[1].split()]
     assert len(paths) == 4 and all(p.is_file() for p in paths)
     assert imageio.get_reader(str(paths[0])).count_frames() == 3
+
+
+def test_mindspore_compile_dumps_go_to_the_cache_never_the_working_directory(tmp_path: Path) -> None:
+    # Graph mode fails to compile on CPU (see README), and MindSpore then dumps the graph.
+    script = (
+        "import svd_batch\n"
+        "from svd_batch.engine import runtime\n"
+        "runtime.configure('cpu', 'graph')\n"
+        "from mindspore import Tensor, nn, ops\n"
+        "class Net(nn.Cell):\n"
+        "    def construct(self, x):\n"
+        "        return ops.split(x, (1, 2), strict=True)\n"
+        "try:\n"
+        "    Net()(Tensor([1.0, 2.0, 3.0]))\n"
+        "except Exception:\n"
+        "    print('did not compile')\n"
+    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "SVD_BATCH_CACHE": str(tmp_path / "cache")}
+    env.pop("MS_OM_PATH", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert "did not compile" in done.stdout, done.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "cache" / "mindspore" / "rank_0" / "om" / "analyze_fail.ir").is_file()

@@ -161,6 +161,8 @@ BAD_ROWS = {  # id: (extra row fields, the field and fix its error must name)
     "zero-height": ({"height": 0}, "height: Input should be greater than 0 (got 0)"),
     "negative-width": ({"width": -8}, "width: Input should be greater than 0 (got -8)"),
     "odd-height": ({"height": 36}, "height: Input should be a multiple of 8 (got 36)"),
+    "too-tall": ({"height": 4104}, "height: Input should be less than or equal to 4096 (got 4104)"),
+    "many-sigmas": ({"sigmas": [1.0] * 1001}, "sigmas: List should have at most 1000 items after validation"),
     "too-many-frames": ({"num_frames": 5}, "params: ValueError: num_frames 5 is more than the 4"),
     "out-of-range": ({"motion_bucket_id": 5000}, "motion_bucket_id: Input should be less than or equal to 1023"),
     "wrong-type": ({"num_inference_steps": "many"}, "num_inference_steps: Input should be a valid integer"),
@@ -249,7 +251,7 @@ def _worker(model: Path, out: Path, dtype: str, **params: object) -> tuple[RowWo
     spec = JobSpec.model_validate(
         {
             "name": "t",
-            "manifest": "-",
+            "manifest": str(out.parent / "manifest.jsonl"),  # the inputs are beside it
             "output": str(out),
             "defaults": {**FAST, **params},
             "formats": ["mp4"],
@@ -326,3 +328,52 @@ def test_out_of_memory_in_decode_halves_the_chunk_and_records_it(
     monkeypatch.setattr(vae, "decode", broken)
     row = worker.process(items[1:])[0]
     assert row.status == "failed" and row.error.endswith("render: RuntimeError: kernel launch failed")
+
+
+def test_rows_read_only_allowed_regular_files_of_bounded_size(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    folder = tmp_path / "job"
+    make_image(folder / "img" / "ok.png")
+    make_image(folder / "big" / "large.png", size=(400, 300))  # ~350 kB: above the cap below
+    os.mkfifo(folder / "img" / "pipe.png")  # a reader that opened it would wait for a writer forever
+    (folder / "img" / "link.png").symlink_to("/etc/hostname")  # inside the folder, leading out of it
+    rows = {
+        "ok": "img/ok.png",
+        "ssh-key": "/root/.ssh/id_rsa",
+        "shadow": "file:///etc/shadow",
+        "other-bucket": "s3://other-bucket/x.png",
+        "climbs-out": "img/../../../etc/passwd",
+        "zero": "/dev/zero",
+        "fifo": "img/pipe.png",
+        "symlink-out": "img/link.png",
+        "large": "big/large.png",
+    }
+    spec = write_job(
+        folder,
+        [{"id": row_id, "image": image} for row_id, image in rows.items()],
+        tiny_model,
+        inputs={"allow": [".", "/dev"], "max_bytes": 100_000},
+    )
+    assert Job(load_spec(spec)).run() == Counter(ok=1, failed=len(rows) - 1)
+    df = results(spec).set_index("id")
+    assert df.loc["ok", "status"] == "ok"
+    refused = {  # row: what its error says, planned (as written) or read (the real path)
+        "ssh-key": "image: /root/.ssh/id_rsa is outside inputs.allow",
+        "shadow": "image: file:///etc/shadow is outside inputs.allow",
+        "other-bucket": "image: s3://other-bucket/x.png is outside inputs.allow",
+        "climbs-out": f"image: {tmp_path.parent}/etc/passwd is outside inputs.allow",
+        "zero": "image: InputError: /dev/zero is a device, FIFO or socket, not a regular file",
+        "fifo": f"image: InputError: {folder}/img/pipe.png is a device, FIFO or socket, not a regular file",
+        "symlink-out": f"image: InputError: {folder}/img/link.png is outside inputs.allow",
+        "large": "large.png is 0.3 MiB, above inputs.max_bytes (0.1 MiB); shrink the file or raise inputs.max_bytes",
+    }
+    for row_id, phrase in refused.items():
+        error = df.loc[row_id, "error"]
+        assert df.loc[row_id, "status"] == "failed" and phrase in error, error
+    assert "add '/root/.ssh' to inputs.allow in the job spec" in df.loc["ssh-key", "error"]
+    assert "add 's3://other-bucket' to inputs.allow" in df.loc["other-bucket", "error"]
+    # The same words whether the file exists (/etc/shadow) or not (an ssh key here): nothing leaks.
+    shadow = df.loc["shadow", "error"].split(": ", 2)[2].replace("file:///etc/shadow", "X").replace("/etc", "D")
+    ssh = df.loc["ssh-key", "error"].split(": ", 2)[2].replace("/root/.ssh/id_rsa", "X").replace("/root/.ssh", "D")
+    assert shadow == ssh

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
@@ -20,6 +23,7 @@ from svd_batch.driver import Job, load_spec
 from tests.helpers import (
     FAST,
     cli,
+    free_port,
     make_image,
     results,
     run_job,
@@ -59,8 +63,11 @@ def test_every_row_ends_as_one_metadata_row_per_video(local_job: Path) -> None:
         ("c", 1, "ok"),
     ]
     ok = df[df.status == "ok"]
+    umask = os.umask(0)
+    os.umask(umask)
     for uri in ok.mp4_uri:
-        assert Path(uri.removeprefix("file://")).stat().st_size > 0
+        video = Path(uri.removeprefix("file://")).stat()
+        assert video.st_size > 0 and stat.S_IMODE(video.st_mode) == 0o666 & ~umask  # 0644 under umask 022
     assert ok.mp4_uri.is_unique
     c = ok[ok.id == "c"].sort_values("video_index")
     assert c.seed.tolist() == [99, 100]  # video v of a row uses seed + v
@@ -215,3 +222,27 @@ def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_mode
     ok = df[df.status == "ok"]
     assert sorted(ok.id) == [f"d{i}" for i in range(8)]  # every row exactly once
     assert videos_match_metadata(spec)
+
+
+def test_local_runs_never_join_a_dead_head_and_unreachable_addresses_fail_fast(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    make_image(tmp_path / "img" / "0.png")
+    spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model)
+    # What an earlier `ray start` leaves behind when its head has gone: Ray's own default would
+    # retry "Failed to connect to GCS" without end. (A short folder: Ray's socket paths are bounded.)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    dead = f"127.0.0.1:{free_port()}"
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+    env = {"RAY_TMPDIR": str(ray_tmp)}
+    try:
+        done = cli("run", str(spec), "--address", "auto", env=env, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.strip()]
+        assert f"the Ray cluster at {dead} does not answer" in line and "drop --address" in line
+        done = cli("run", str(spec), env=env, timeout=600)  # no address: a private local cluster
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert results(spec).status.tolist() == ["ok"]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

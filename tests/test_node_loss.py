@@ -28,7 +28,8 @@ def scenario(spec_path: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from svd_batch.driver import WORKER_ENV, Job, load_spec
+    from svd_batch import WORKER_ENV
+    from svd_batch.driver import Job, load_spec
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     # Three worker nodes, one render slot each: two run workers, one is spare capacity.

@@ -98,7 +98,7 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real Ray head with its job server, separate from the session's cluster."""
-    from svd_batch.driver import WORKER_ENV
+    from svd_batch import WORKER_ENV
 
     port, dashboard = free_port(), free_port()
     # The session's cluster already holds Ray's fixed default agent ports (52365 ...): a second

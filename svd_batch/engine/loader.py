@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_batch.engine import runtime
+from svd_batch.errors import first_line
 from svd_batch.schema import ModelSpec
 
 # Pickle-based formats execute code while loading; a renderer that reads user-supplied
@@ -144,8 +145,9 @@ def load_pipeline(spec: ModelSpec, device: runtime.Device = "cpu") -> LoadedMode
             local_files_only=True,
         )
     except Exception as exc:  # mindone raises bare ValueError/OSError/KeyError for bad checkpoints
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: the weights do not load ({first}); check that configs match the weights") from exc
+        raise ModelError(
+            f"{path}: the weights do not load ({first_line(exc)}); check that configs match the weights"
+        ) from exc
     if spec.forward_chunking:
         pipe.unet.enable_forward_chunking(chunk_size=1, dim=1)
     pipe.set_progress_bar_config(disable=True)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 Device = Literal["cpu", "npu"]
 Mode = Literal["pynative", "graph"]
 
 _configured: tuple[str, int, str] | None = None
+
+
+def cache_dir() -> Path:
+    """svd-batch's own cache: the tiny model, MindSpore's compile dumps."""
+    return Path(os.environ.get("SVD_BATCH_CACHE", Path.home() / ".cache" / "svd-batch"))
 
 
 def ascend_device_id(environ: Mapping[str, str]) -> int:
@@ -38,6 +44,10 @@ def configure(device: Device = "cpu", mode: Mode = "pynative") -> str:
             raise RuntimeError(f"MindSpore is already configured as {_configured}; cannot switch to {wanted}")
         return _label(device, device_id)
 
+    # MindSpore writes graph-compile dumps (rank_0/om/analyze_fail.ir) and compile caches into
+    # the working directory unless told otherwise; a job's cwd is the user's, never a dump site.
+    os.environ.setdefault("MS_OM_PATH", str(cache_dir() / "mindspore"))
+    os.environ.setdefault("MS_COMPILER_CACHE_PATH", str(cache_dir() / "mindspore" / "compiler"))
     import mindspore as ms
 
     from svd_batch.engine import cpu_ops

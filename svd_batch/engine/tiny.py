@@ -9,6 +9,8 @@ caller, so the same seed always writes byte-identical safetensors files.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,19 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     for name, component in (("unet", unet), ("vae", vae), ("image_encoder", image_encoder)):
         _write_as_hub_checkpoint(out_dir / name, hub_names(component))
     return out_dir
+
+
+def ensure_tiny_model(directory: Path | None = None, seed: int = 0) -> Path:
+    """The embedded default model, built once (into the cache folder unless told where);
+    concurrent builders never see a half-written directory."""
+    directory = directory or runtime.cache_dir() / "tiny-svd"
+    if (directory / "model_index.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    build_tiny_model(staging, seed)
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first; theirs is identical (same seed)
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory

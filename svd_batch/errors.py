@@ -1,0 +1,13 @@
+"""How an exception becomes the one line a user reads."""
+
+from __future__ import annotations
+
+
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first line of the exception's message (libraries append pages of context), or its
+    type's name when it has no message; `with_type` puts the type in front."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if with_type:
+        return f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text or type(exc).__name__

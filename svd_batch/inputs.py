@@ -1,0 +1,95 @@
+"""What a row may read, and how much: a manifest is untrusted input on a shared cluster.
+
+Rows read only under `inputs.allow` (by default the manifest's own folder tree or bucket
+prefix), only regular files, and at most `inputs.max_bytes` of each, checked by `stat` or
+S3 `HEAD` before a byte is read. The planner checks each reference as written (no file is
+touched, so a refusal says nothing about whether the file exists); the worker checks the
+real path again as it reads, so a symlink cannot lead out.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass
+
+from svd_batch.schema import JobSpec
+from svd_batch.storage import StorageError, local_path, read_s3
+
+
+class InputError(StorageError):
+    """A row's input is refused; the message names it and the fix."""
+
+
+def manifest_dir(manifest_uri: str) -> str:
+    """The folder that relative references in a manifest are relative to."""
+    return posixpath.dirname(manifest_uri.rstrip("/"))
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _under(uri: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return uri == root or uri.startswith(root + "/")
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    allow: tuple[str, ...]  # absolute folders and s3://bucket/prefix roots
+    max_bytes: int
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec) -> InputPolicy:
+        default = spec.manifest_base or manifest_dir(spec.manifest)
+        return cls(tuple(spec.inputs.allow or [default]), spec.inputs.max_bytes)
+
+    @staticmethod
+    def _normal(uri: str) -> str:
+        if uri.startswith("s3://"):
+            return "s3://" + posixpath.normpath(uri.removeprefix("s3://"))
+        path = uri.removeprefix("file://") if uri.startswith("file://") else uri
+        return posixpath.normpath(path)
+
+    def check(self, uri: str) -> None:
+        """Refuse a reference outside the allow-list, as written; nothing is read or stat'ed."""
+        if not any(_under(self._normal(uri), root) for root in self.allow):
+            self._refuse(uri)
+
+    def _refuse(self, uri: str) -> None:
+        raise InputError(
+            f"{uri} is outside inputs.allow ({', '.join(self.allow)}); to let rows read there, add "
+            f"'{posixpath.dirname(self._normal(uri))}' to inputs.allow in the job spec"
+        )
+
+    def read(self, uri: str) -> bytes:
+        """The bytes of an allowed, regular, not too large input."""
+        self.check(uri)
+        if uri.startswith("s3://"):
+            return read_s3(uri, self.max_bytes)
+        path = local_path(uri)  # resolved: symlinks followed to where they really lead
+        if not any(_under(str(path), str(local_path(root))) for root in self.allow if "://" not in root):
+            self._refuse(uri)
+        try:
+            # Non-blocking, so a FIFO opens at once instead of waiting for a writer; what was
+            # opened is then checked, so nothing can be swapped in between check and read.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise StorageError(
+                f"{path} does not exist; fix the path (relative paths resolve against the manifest)"
+            ) from None
+        except PermissionError:
+            raise StorageError(f"{path} is not readable (permission denied); fix its permissions") from None
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+                raise InputError(f"{path} is {kind}, not a regular file; point the row at an image file")
+            if info.st_size > self.max_bytes:
+                raise InputError(
+                    f"{path} is {_mib(info.st_size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
+                    "shrink the file or raise inputs.max_bytes"
+                )
+            return handle.read(self.max_bytes + 1)[: self.max_bytes]
