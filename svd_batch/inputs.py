@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from svd_batch.schema import JobSpec
-from svd_batch.storage import StorageError, local_path, read_s3
+from svd_batch.storage import StorageError, local_path, read_error, read_s3
 
 
 class InputError(StorageError):
@@ -76,12 +76,8 @@ class InputPolicy:
             # Non-blocking, so a FIFO opens at once instead of waiting for a writer; what was
             # opened is then checked, so nothing can be swapped in between check and read.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise StorageError(
-                f"{path} does not exist; fix the path (relative paths resolve against the manifest)"
-            ) from None
-        except PermissionError:
-            raise StorageError(f"{path} is not readable (permission denied); fix its permissions") from None
+        except OSError as exc:
+            raise read_error(path, exc) from None
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):

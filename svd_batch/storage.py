@@ -227,11 +227,16 @@ def read_uri(uri: str, base: Path | None = None) -> bytes:
     path = local_path(uri, base)
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise StorageError(
-            f"{path} does not exist; fix the path (relative paths resolve against the manifest)"
-        ) from None
-    except PermissionError:
-        raise StorageError(f"{path} is not readable (permission denied); fix its permissions") from None
-    except IsADirectoryError:
-        raise StorageError(f"{path} is a directory, not a file") from None
+    except OSError as exc:
+        raise read_error(path, exc) from None
+
+
+def read_error(path: Path, exc: OSError) -> StorageError:
+    """Why a local file could not be read, and the fix."""
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{path} does not exist; fix the path (relative paths resolve against the manifest)")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{path} is not readable (permission denied); fix its permissions")
+    if isinstance(exc, IsADirectoryError):
+        return StorageError(f"{path} is a directory, not a file")
+    return StorageError(f"{path} cannot be read ({first_line(exc)})")
