@@ -78,14 +78,15 @@ class InputPolicy:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise read_error(path, exc) from None
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > self.max_bytes:
+            os.close(fd)
             if not stat.S_ISREG(info.st_mode):
                 kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
                 raise InputError(f"{path} is {kind}, not a regular file; point the row at an image file")
-            if info.st_size > self.max_bytes:
-                raise InputError(
-                    f"{path} is {_mib(info.st_size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
-                    "shrink the file or raise inputs.max_bytes"
-                )
+            raise InputError(
+                f"{path} is {_mib(info.st_size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
+                "shrink the file or raise inputs.max_bytes"
+            )
+        with os.fdopen(fd, "rb") as handle:
             return handle.read(self.max_bytes + 1)[: self.max_bytes]
