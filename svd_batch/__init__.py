@@ -12,6 +12,8 @@ WORKER_ENV = {
     "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # transformers' advice that no torch is installed: by design, MindSpore runs the models.
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 for _name, _value in WORKER_ENV.items():
     os.environ.setdefault(_name, _value)

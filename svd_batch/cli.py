@@ -40,24 +40,36 @@ def tiny_model(
     out.print(f"tiny SVD pipeline written to {directory}")
 
 
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs; each value is read as YAML, so numbers, lists and names all work."""
+    import yaml
+
+    parsed = {}
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise fail(f"--set {setting!r}: write KEY=VALUE, e.g. --set num_inference_steps=25")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise fail(f"--set {key.strip()}: {value!r} is not a value ({first_line(exc)})") from None
+    return parsed
+
+
 @app.command()
 def render(
-    images: Annotated[list[Path], typer.Argument(help="Input images (anything Pillow reads).")],
+    images: Annotated[list[Path], typer.Argument(help="Input images (PNG, JPEG, WebP, TIFF, BMP, GIF).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the videos.")] = Path("out"),
     model: Annotated[Path | None, typer.Option(help="Local SVD pipeline directory; default: the tiny model.")] = None,
-    height: Annotated[int | None, typer.Option(help="Multiple of 8 (and of the model's own factor).")] = None,
-    width: Annotated[int | None, typer.Option()] = None,
-    num_frames: Annotated[int | None, typer.Option(help="Default: the model's.")] = None,
-    steps: Annotated[int | None, typer.Option(help="num_inference_steps.")] = None,
-    fps: Annotated[int | None, typer.Option(help="Conditioning fps (the UNet sees fps-1).")] = None,
-    export_fps: Annotated[float | None, typer.Option(help="Frame rate of the written file.")] = None,
-    motion_bucket_id: Annotated[int | None, typer.Option()] = None,
-    noise_aug_strength: Annotated[float | None, typer.Option()] = None,
-    min_guidance_scale: Annotated[float | None, typer.Option()] = None,
-    max_guidance_scale: Annotated[float | None, typer.Option()] = None,
-    decode_chunk_size: Annotated[int | None, typer.Option()] = None,
-    num_videos: Annotated[int | None, typer.Option("--num-videos", help="Videos per image.")] = None,
-    fit: Annotated[str | None, typer.Option(help="crop | pad | stretch")] = None,
+    settings: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            help="A render parameter as KEY=VALUE, repeatable: any field a manifest row can set (height, width, "
+            "num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength, decode_chunk_size, "
+            "num_videos_per_prompt, fit, export_fps, ...).",
+        ),
+    ] = [],  # noqa: B006
     seed: Annotated[int | None, typer.Option(help="Seed of every image; default: derived per image.")] = None,
     formats: Annotated[list[str], typer.Option("--format", help="mp4 | gif | webp | png; repeatable.")] = ["mp4"],  # noqa: B006
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
@@ -71,22 +83,7 @@ def render(
     from svd_batch.schema import JobSpec, ManifestRow, explain
     from svd_batch.worker import RowWorker
 
-    options = {
-        "height": height,
-        "width": width,
-        "num_frames": num_frames,
-        "num_inference_steps": steps,
-        "fps": fps,
-        "export_fps": export_fps,
-        "motion_bucket_id": motion_bucket_id,
-        "noise_aug_strength": noise_aug_strength,
-        "min_guidance_scale": min_guidance_scale,
-        "max_guidance_scale": max_guidance_scale,
-        "decode_chunk_size": decode_chunk_size,
-        "num_videos_per_prompt": num_videos,
-        "fit": fit,
-    }
-    defaults = {k: v for k, v in options.items() if v is not None}
+    defaults = parse_settings(settings)
     if model is None:
         from svd_batch.engine.tiny import ensure_tiny_model
 
@@ -106,7 +103,10 @@ def render(
         )
     except ValidationError as exc:
         field, reason = explain(exc, JobSpec)[0]
-        raise fail(f"--{field.split('.')[-1].replace('_', '-')}: {reason}") from None
+        name = field.removeprefix("defaults.")
+        raise fail(
+            f"--set {name}: {reason}" if field.startswith("defaults.") else f"--{name.replace('_', '-')}: {reason}"
+        ) from None
     items = []
     planner = Planner(spec, str(Path.cwd() / "-"), "render")
     for number, image in enumerate(images, start=1):

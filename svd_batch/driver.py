@@ -159,7 +159,7 @@ class Job:
     status_every: float = 2.0
     stalled: str | None = None  # why the workers stopped making progress, if they did
     stopped: str | None = None  # why the job stopped taking rows early, if it did
-    _drain_flag: Any = None
+    _control: Any = None
     _started: float = field(default_factory=time.monotonic)
     _last_status: float = 0.0
 
@@ -190,8 +190,8 @@ class Job:
         """Stop taking rows: batches in flight finish and are committed; the rest are left."""
         if self.stopped is None:
             self.stopped = reason
-        if self._drain_flag is not None:
-            self._drain_flag.set.remote()
+        if self._control is not None:
+            self._control.drain.remote()
 
     def _arm_timers(self) -> list[threading.Timer]:
         limits = []
@@ -273,16 +273,17 @@ class Job:
         from ray.data.exceptions import ExecutionTimeoutError
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from svd_batch.worker import DrainFlag, worker_class
+        from svd_batch.control import JobControl
+        from svd_batch.worker import worker_class
 
         workers = self.spec.workers
         resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
-        # On the driver's own node: a flag on another node would die with it, and the job with it.
+        # On the driver's own node: a control actor on another node would die with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        flag = ray.remote(num_cpus=0)(DrainFlag)
-        self._drain_flag = flag.options(name=DrainFlag.name(self.run_id), scheduling_strategy=here).remote()
+        control = ray.remote(num_cpus=0)(JobControl)
+        self._control = control.options(name=JobControl.name(self.run_id), scheduling_strategy=here).remote()
         if self.stopped:
-            self._drain_flag.set.remote()
+            self._control.drain.remote()
         ds = ray.data.from_arrow_refs(plan.queued).map_batches(
             worker_class(self.spec.model_dump_json()),
             batch_size=workers.batch_size,
@@ -290,11 +291,9 @@ class Job:
             compute=ray.data.ActorPoolStrategy(size=workers.count),
             num_cpus=workers.cpus_per_worker,
             resources=resources or None,
-            # A worker that dies mid-batch is restarted, at most max_attempts times, and its
-            # batch waits for it (a restart reloads the model). A worker that keeps dying on
-            # a row stays dead after that; its rows are accounted as failed, never lost.
-            max_restarts=workers.max_attempts,
-            max_task_retries=-1,
+            # Ray Data restarts a worker that dies and retries its batch on it (a restart reloads
+            # the model), without bound: the bound is per row, kept by the run's JobControl, so
+            # a row that kills its worker every time fails alone after workers.max_attempts.
         )
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -326,7 +325,7 @@ class Job:
         context.print_on_execution_start = False
         context.execution_no_progress_timeout_s = self.spec.workers.no_progress_timeout_s
         # A worker whose node dies mid-batch fails its task with ActorUnavailableError: retry it
-        # on the restarted worker (bounded by max_task_retries). A batch that still fails is
+        # on the restarted worker. A batch that still fails is
         # skipped, not fatal: its rows are accounted as failed and the other rows go on.
         context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
         context.max_errored_blocks = -1
@@ -367,9 +366,8 @@ class Job:
                 video_index=0,
                 key=key,
                 status=Status.failed,
-                error=f"key {key}: "
-                + (self.stalled or f"no worker finished it in {self.spec.workers.max_attempts} attempts")
-                + "; rerun with --retry-failed",
+                error=f"key {key}: " + (self.stalled or "no worker returned it") + "; the next run renders it again",
+                retryable=True,
                 image="",
                 ended_at=dt.datetime.now(dt.UTC),
             )

@@ -139,18 +139,21 @@ def latest(table: pa.Table) -> pa.Table:
 @dataclass(frozen=True)
 class ResumeIndex:
     done: frozenset[str]  # keys with an ok video in storage
-    failed: frozenset[str]  # keys whose latest result is a failure
+    failed: frozenset[str]  # keys whose latest result is a final failure
 
 
 def resume_index(storage: Storage) -> ResumeIndex:
     """Latest status per key, over every earlier run; only the columns it needs are read."""
-    table = read_table(storage, ["key", "status", "ended_at"])
+    table = read_table(storage, ["key", "status", "retryable"])
     done: set[str] = set()
     failed: set[str] = set()
-    for key, status in zip(table.column("key").to_pylist(), table.column("status").to_pylist(), strict=True):
+    columns = (table.column(c).to_pylist() for c in ("key", "status", "retryable"))
+    for key, status, retryable in zip(*columns, strict=True):
         if status == Status.ok:
             done.add(key)
             failed.discard(key)
         elif status == Status.failed and key not in done:
-            failed.add(key)
+            # A retryable failure (its worker died, it timed out, the job stalled) is queued
+            # again by the next plain run; a final one (bad input) waits for --retry-failed.
+            (failed.discard if retryable else failed.add)(key)
     return ResumeIndex(frozenset(done), frozenset(failed))

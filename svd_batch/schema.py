@@ -156,6 +156,9 @@ class WorkersSpec(Strict):
     # A job whose workers produce nothing for this long (e.g. no node has the resources they
     # ask for) stops and says so, instead of waiting forever.
     no_progress_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    # One row's render time, at most (a call of n rows gets n times this). Past it the worker
+    # is restarted and the row fails, retryably: a stuck kernel never holds a device all night.
+    row_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class InputsSpec(Strict):
@@ -236,6 +239,9 @@ class ResultRow(BaseModel):
     key: str  # deterministic output key (without extension); the resume index
     status: Status
     error: str | None = None
+    # A failure for the worker's sake (it died, or the row outlived its timeout, or the job
+    # stalled), not the row's: the next plain run renders it again.
+    retryable: bool | None = None
     mp4_uri: str | None = None
     gif_uri: str | None = None
     webp_uri: str | None = None

@@ -13,14 +13,18 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from svd_batch.control import History, JobControl
 from svd_batch.encode import encode
 from svd_batch.engine.loader import load_pipeline
 from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, VideoRequest
@@ -161,6 +165,19 @@ class RowWorker:
             return f"{stem}.frames/{file.name}"
         return f"{stem}{file.suffix}"
 
+    def refuse(self, item: WorkItem, stage: str, reason: str, attempt: int) -> ResultRow:
+        """A failed row for an item not rendered again: retryable, as it failed for its worker."""
+        return ResultRow.for_item(
+            item,
+            Status.failed,
+            error=f"row {item.line} (id {item.id!r}): {stage}: {reason}",
+            retryable=True,
+            node=self.node,
+            worker=self.worker_id,
+            attempt=attempt,
+            ended_at=_now(),
+        )
+
     @staticmethod
     def _fail(p: _Prepared, stage: str, exc: BaseException) -> None:
         # The same shape as the driver's RowError: row number, id, where it failed, why and the fix.
@@ -176,51 +193,118 @@ def items_from_table(table: pa.Table) -> list[WorkItem]:
     return [WorkItem.model_validate(json.loads(raw)) for raw in table.column("item").to_pylist()]
 
 
-class DrainFlag:
-    """Set by the driver to stop a job taking rows; workers look at it before each batch."""
-
-    def __init__(self) -> None:
-        self.draining = False
-
-    def set(self) -> None:
-        self.draining = True
-
-    def is_set(self) -> bool:
-        return self.draining
-
-    @staticmethod
-    def name(run_id: str) -> str:
-        return f"svd-batch-drain-{run_id}"
-
-
 class RayWorker:
-    """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items."""
+    """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items.
+
+    Before each call it tells the run's JobControl which rows it starts, so that when a worker
+    dies the rows it had in flight are known. A batch with such rows is rendered one row per
+    call: only the row that kills its worker dies with it, and after `workers.max_attempts`
+    deaths that row fails alone while its batch-mates are made. A call that outlives
+    `workers.row_timeout_s` per row ends the worker (the only way to stop a stuck pipeline
+    call); Ray restarts it, and the row, if alone, ends failed as retryable.
+    """
 
     def __init__(self, spec_json: str) -> None:
         import ray
 
         context = ray.get_runtime_context()
-        # A restarted actor means the previous one died mid-batch: its rows are retries.
-        self.attempt = 2 if context.was_current_actor_reconstructed else 1
-        self.worker = RowWorker(JobSpec.model_validate_json(spec_json))
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.worker = RowWorker(self.spec)
         self.worker.node = f"{self.worker.node}/{context.get_node_id()[:12]}"
         self.worker.worker_id = context.get_actor_id()[:16]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = items_from_table(batch)
-        if items and self._draining(items[0].run_id):
+        if not items:
+            return RESULT_SCHEMA.empty_table()
+        control = _control(items[0].run_id)
+        answer = self._tell(control, "begin", os.getpid(), [i.key for i in items])
+        draining, history = answer if answer is not None else (False, {})
+        if draining:
             return RESULT_SCHEMA.empty_table()  # not started: left for the next run
-        return rows_to_table(self.worker.process(items, self.attempt))
+        if not history:
+            try:
+                with self._watchdog(control, len(items)):
+                    return rows_to_table(self.worker.process(items))
+            finally:
+                self._tell(control, "end")
+        self._tell(control, "end")  # from here on, each row is its own call
+        return rows_to_table(self._one_by_one(control, items, history))
 
-    def _draining(self, run_id: str) -> bool:
+    def _one_by_one(self, control: Any, items: list[WorkItem], history: dict[str, History]) -> list[ResultRow]:
+        rows = []
+        for item in items:
+            past = history.get(item.key, History())
+            if past.row is not None:
+                rows.append(ResultRow.model_validate(past.row))
+                continue
+            refusal = self._refusal(past)
+            if refusal:
+                rows.append(self.worker.refuse(item, "render", refusal, attempt=past.deaths + int(past.timed_out)))
+                continue
+            answer = self._tell(control, "begin", os.getpid(), [item.key])
+            if answer is not None and answer[0]:
+                break  # drained meanwhile: the rest are left for the next run
+            row = None
+            try:
+                with self._watchdog(control, 1):
+                    (row,) = self.worker.process([item], attempt=past.deaths + 1)
+            finally:
+                self._tell(control, "end", {item.key: row.model_dump()} if row else None)
+            rows.append(row)
+        return rows
+
+    def _refusal(self, past: History) -> str | None:
+        workers = self.spec.workers
+        if past.timed_out:
+            return (
+                f"RowTimeout: took longer than workers.row_timeout_s ({workers.row_timeout_s:g} s), so its worker "
+                "was restarted; the next run tries it again (raise row_timeout_s if such rows need longer)"
+            )
+        if past.deaths >= workers.max_attempts:
+            return (
+                f"WorkerDied: its worker died {past.deaths} times while rendering it (workers.max_attempts "
+                f"{workers.max_attempts}), the last times alone; check its image and parameters. The next run "
+                "tries it again"
+            )
+        return None
+
+    @contextmanager
+    def _watchdog(self, control: Any, rows: int) -> Iterator[None]:
+        def expire() -> None:
+            if rows == 1:  # alone: the row itself is too slow (with batch-mates: find out one by one)
+                self._tell(control, "timed_out")
+            print(f"svd-batch: a call of {rows} row(s) outlived workers.row_timeout_s; restarting", flush=True)
+            os._exit(1)
+
+        timer = threading.Timer(self.spec.workers.row_timeout_s * rows, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _tell(self, control: Any, method: str, *args: Any) -> Any:
         import ray
 
+        if control is None:
+            return None
         try:
-            return bool(ray.get(ray.get_actor(DrainFlag.name(run_id)).is_set.remote()))
-        except (ValueError, ray.exceptions.RayActorError):
-            # No flag (a driver that made none) or a flag gone with its node: a request to stop
-            # cannot have come through it, and the rows must not fail for want of it.
-            return False
+            return ray.get(getattr(control, method).remote(self.worker.worker_id, *args))
+        except ray.exceptions.RayActorError:
+            # A control actor gone with its node: rows must not fail for want of it, so the
+            # worker goes on rendering without drain requests or death counts.
+            return None
+
+
+def _control(run_id: str) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(JobControl.name(run_id))
+    except ValueError:  # a driver that made none (or an embedding program): no control
+        return None
 
 
 def worker_class(spec_json: str) -> type[RayWorker]:

@@ -248,23 +248,13 @@ def test_render_command_writes_videos(tiny_model: Path, tmp_path: Path) -> None:
         str(tiny_model),
         "--out",
         str(tmp_path / "out"),
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--steps",
-        "2",
-        "--num-frames",
-        "3",
-        "--seed",
-        "5",
-        "--format",
-        "mp4",
-        "--format",
-        "gif",
-        "--num-videos",
-        "2",
+        *("--set", "height=32", "--set", "width=32", "--set", "num_inference_steps=2", "--set", "num_frames=3"),
+        *("--set", "num_videos_per_prompt=2", "--seed", "5", "--format", "mp4", "--format", "gif"),
     ]
+    typo = subprocess.run([*cmd, "--set", "motion_bucket=3"], capture_output=True, text=True, timeout=300)
+    assert (
+        typo.returncode == 2 and "--set motion_bucket: unknown field; did you mean 'motion_bucket_id'?" in typo.stderr
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("cat")]

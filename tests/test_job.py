@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import duckdb
 import pandas as pd
 import pytest
 
+from svd_batch.control import History, JobControl
 from svd_batch.driver import Job, load_spec
 from tests.helpers import (
     FAST,
@@ -246,3 +248,89 @@ def test_local_runs_never_join_a_dead_head_and_unreachable_addresses_fail_fast(
         assert results(spec).status.tolist() == ["ok"]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_job_control_counts_deaths_per_row_in_flight() -> None:
+    control = JobControl()
+    assert control.begin("w1", 10, ["a", "b"]) == (False, {})
+    control.end("w1")
+    assert control.begin("w1", 10, ["c", "d"]) == (False, {})
+    # The same worker starts again without ending: it was restarted, with c and d in flight.
+    draining, history = control.begin("w1", 11, ["c", "d"])
+    assert not draining and history == {"c": History(deaths=1), "d": History(deaths=1)}
+    control.end("w1", {"c": {"id": "c"}})
+    control.begin("w1", 11, ["d"])
+    control.timed_out("w1")
+    assert control.begin("w1", 12, ["c", "d"])[1] == {"c": History(1, False, {"id": "c"}), "d": History(1, True)}
+    control.drain()
+    assert control.begin("w2", 13, ["e"]) == (True, {}) and "w2" not in control.in_flight()
+
+
+@pytest.mark.slow
+def test_a_row_that_kills_its_worker_every_time_fails_alone(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    import ray
+
+    rows = [{"id": f"m{i}", "image": f"img/{i}.png"} for i in range(4)]
+    rows.insert(1, {"id": "poison", "image": "img/0.png"})
+    for i in range(4):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+    spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 4, "max_attempts": 2})
+    job = Job(load_spec(spec))
+    outcome: list[Counter[str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(job.run()))
+    thread.start()
+    # Whatever it is in a real night (a kernel crash, the OOM killer), the culprit is played by a
+    # real SIGKILL, sent each time a worker is rendering the poison row.
+    control = wait_until(lambda: _actor(JobControl.name(job.run_id)), "the run's control actor", timeout=300)
+    killed: set[int] = set()
+    while thread.is_alive():
+        for pid, keys in ray.get(control.in_flight.remote()).values():
+            if pid not in killed and any("/poison-" in key for key in keys):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        thread.join(timeout=0.2)
+    kills = len(killed)
+    assert outcome == [Counter(ok=4, failed=1)]
+    df = results(spec).set_index("id")
+    poison = df.loc["poison"]
+    assert poison.status == "failed" and poison.retryable and poison.attempt == 2
+    assert "WorkerDied: its worker died 2 times while rendering it" in poison.error
+    assert kills == 2  # in its batch, then alone; then it was failed without rendering again
+    assert (df.drop("poison").status == "ok").all()
+    assert (df.drop("poison").attempt <= 2).all()  # the batch-mates were retried once at most
+    assert videos_match_metadata(spec)
+
+
+def _actor(name: str) -> object:
+    import ray
+
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
+@pytest.mark.slow
+def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    for i in range(2):
+        make_image(tmp_path / "img" / f"{i}.png", seed=i)
+    rows = [
+        {"id": "slow", "image": "img/0.png", "num_inference_steps": 1000},  # minutes, on any machine here
+        {"id": "fine", "image": "img/1.png"},
+    ]
+    # One row a call: the slow row times out alone (with batch-mates the worker first finds the
+    # culprit one row at a time, as for a poison row).
+    spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 1, "row_timeout_s": 20})
+    assert run_job(spec) == Counter(ok=1, failed=1)
+    df = results(spec).set_index("id")
+    assert df.loc["fine", "status"] == "ok"
+    slow = df.loc["slow"]
+    assert slow.status == "failed" and slow.retryable
+    assert "RowTimeout: took longer than workers.row_timeout_s (20 s)" in slow.error
+    # Retryable: the next plain run queues it again (no --retry-failed); stopped at once, it is left.
+    assert run_job(spec, max_duration=0.01) == Counter(skipped=1, left=1)

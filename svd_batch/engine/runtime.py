@@ -6,7 +6,10 @@ to the device it granted, so inside the worker that device is always logical id 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -52,17 +55,27 @@ def configure(device: Device = "cpu", mode: Mode = "pynative") -> str:
 
     from svd_batch.engine import cpu_ops
 
-    ms.set_context(
-        mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE,
-        device_target=target,
-        device_id=device_id,
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_device(target, device_id)
+    if target == "CPU":
         # On CPU the asynchronous op queue thrashes on few cores (3-5x slower, measured),
         # and synchronous execution makes a failing kernel blame the right op.
-        pynative_synchronize=target == "CPU",
-    )
+        ms.runtime.launch_blocking()
     cpu_ops.enable_for_device(target)
+    _import_mindone()  # after the routes: mindone binds some ops when its modules load
     _configured = wanted
     return _label(device, device_id)
+
+
+def _import_mindone() -> None:
+    """Import mindone's diffusers and transformers, once, without their import-time chatter:
+    transformers' docstring helper prints "Config not found for parakeet" for models mindone
+    ships without a config, straight to stdout, where a job's output is the user's; and
+    mindone's own modules raise FutureWarnings about transformers APIs as they load."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import mindone.diffusers
+        import mindone.transformers  # noqa: F401
 
 
 def _label(device: Device, device_id: int) -> str:

@@ -9,6 +9,7 @@ caller, so the same seed always writes byte-identical safetensors files.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -149,7 +150,15 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         feature_extractor=feature_extractor,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    # mindone warns that it cannot save the processor, with its whole config as JSON (40 lines);
+    # it is saved just below, so the warning is noise.
+    pipeline_log = logging.getLogger("mindone.diffusers.pipelines.pipeline_utils")
+    level = pipeline_log.level
+    pipeline_log.setLevel(logging.ERROR)
+    try:
+        pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    finally:
+        pipeline_log.setLevel(level)
     # mindone cannot save transformers' processor: it writes [null, null] for it, which its
     # own from_pretrained then rejects. Save it ourselves and name its class.
     feature_extractor.save_pretrained(str(out_dir / "feature_extractor"))

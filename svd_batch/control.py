@@ -1,0 +1,67 @@
+"""The run's control actor: what the driver and the workers of one run tell each other.
+
+One small actor per run, on the driver's node (an actor elsewhere would die with its node
+and take the run with it). It holds
+- the drain flag: set by the driver, read by workers before each batch;
+- the rows each worker is rendering: a worker that starts a call while its previous call is
+  still open must have been restarted, so the rows of that call were in flight when it died.
+  Their deaths are counted per row, which is how a row that kills its worker every time is
+  found and isolated (see RayWorker), and how `attempt` is the true attempt number;
+- rows that outlived `workers.row_timeout_s`, and the results of rows finished while a
+  worker re-renders a troubled batch one row at a time, so a later death loses none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class History:
+    """What happened to one row in this run so far."""
+
+    deaths: int = 0  # workers that died while rendering it
+    timed_out: bool = False
+    row: dict[str, Any] | None = None  # its result, when made while isolating a batch
+
+
+@dataclass
+class JobControl:
+    draining: bool = False
+    open_calls: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # worker -> (pid, keys)
+    history: dict[str, History] = field(default_factory=dict)
+
+    @staticmethod
+    def name(run_id: str) -> str:
+        return f"svd-batch-control-{run_id}"
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def begin(self, worker: str, pid: int, keys: list[str]) -> tuple[bool, dict[str, History]]:
+        """A worker starts a call on `keys`: (draining?, the history of the batch's rows)."""
+        self._count_deaths(worker)
+        if not self.draining:
+            self.open_calls[worker] = (pid, keys)
+        return self.draining, {k: self.history[k] for k in keys if k in self.history}
+
+    def _count_deaths(self, worker: str) -> None:
+        _, keys = self.open_calls.pop(worker, (0, []))
+        for key in keys:
+            self.history.setdefault(key, History()).deaths += 1
+
+    def end(self, worker: str, results: dict[str, dict[str, Any]] | None = None) -> None:
+        """The call returned (or raised); `results` are kept for rows of a troubled batch."""
+        self.open_calls.pop(worker, None)
+        for key, row in (results or {}).items():
+            self.history.setdefault(key, History()).row = row
+
+    def timed_out(self, worker: str) -> None:
+        """The worker's one-row call outlived the row timeout; the worker ends itself next."""
+        _, keys = self.open_calls.pop(worker, (0, []))
+        for key in keys:
+            self.history.setdefault(key, History()).timed_out = True
+
+    def in_flight(self) -> dict[str, tuple[int, list[str]]]:
+        return dict(self.open_calls)
