@@ -30,9 +30,9 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) jobs/demo/make_inputs.py
+	@$(PY) jobs/demo/make_inputs.py
 	@test -f .cache/tiny-svd/model_index.json || $(VENV)/bin/svd-batch tiny-model .cache/tiny-svd
-	$(VENV)/bin/svd-batch run jobs/demo/job.yaml
+	@$(VENV)/bin/svd-batch run jobs/demo/job.yaml
 
 # The report test opens the page in a real headless Chromium, from Debian's packages.
 browser:

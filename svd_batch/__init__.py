@@ -17,5 +17,7 @@ WORKER_ENV = {
 }
 for _name, _value in WORKER_ENV.items():
     os.environ.setdefault(_name, _value)
+# Read when ray.data is first imported.
+os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml"))
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ address is checked for an answer, for at most CONNECT_TIMEOUT_S, before Ray is a
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -65,4 +66,7 @@ def connect(address: str | None, **init: Any) -> None:
     if ray.is_initialized():  # an embedding program (or a test) chose its cluster already
         return
     resolved = resolve(address)
-    ray.init(address=resolved, **({"include_dashboard": False} if resolved == "local" else {}), **init)
+    local = {"include_dashboard": False} if resolved == "local" else {}
+    # Ray's notes on starting and connecting (token auth on, "Started a local Ray instance") are
+    # not the user's business on every run; errors still show.
+    ray.init(address=resolved, logging_level=logging.ERROR, **local, **init)

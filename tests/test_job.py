@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -334,3 +335,35 @@ def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
     assert "RowTimeout: took longer than workers.row_timeout_s (20 s)" in slow.error
     # Retryable: the next plain run queues it again (no --retry-failed); stopped at once, it is left.
     assert run_job(spec, max_duration=0.01) == Counter(skipped=1, left=1)
+
+
+# Ray 2.60 logs this from its C++ core for every Ray Data actor pool (ray issue 57733: Ray Data
+# passes its own constructor arguments through the object store); nothing svd-batch can change.
+RAY_DATA_ACTOR_NOTE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments")
+
+
+def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
+    tmp_path: Path,
+    tiny_model: Path,
+    ray_cluster,  # type: ignore[no-untyped-def]
+) -> None:
+    make_image(tmp_path / "img" / "0.png")
+    spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model)
+    done = cli("run", str(spec), "--address", ray_cluster.get_runtime_context().gcs_address, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    expected = [
+        r"t [━ ]+ 1/1 ok 1  failed 0  skipped 0  .* videos/min .*",  # the progress line, as it ends
+        r" *t  run \S+",  # the summary table's title, its four rules and two rows
+        *[r"[┏┃┡│└].*"] * 5,
+        rf"videos:   {tmp_path}/outputs",
+        rf"metadata: {tmp_path}/outputs/metadata",
+    ]
+    shown = [line for line in lines if not RAY_DATA_ACTOR_NOTE.search(line)]
+    assert len(shown) == len(expected) and all(re.fullmatch(p, s) for p, s in zip(expected, shown, strict=True)), lines
+
+
+def test_tiny_model_says_where_it_wrote_and_nothing_else(tmp_path: Path) -> None:
+    done = cli("tiny-model", str(tmp_path / "m"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout + done.stderr).strip() == f"tiny SVD pipeline written to {tmp_path / 'm'}"
