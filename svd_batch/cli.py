@@ -12,6 +12,7 @@ from rich.console import Console
 
 from svd_batch.errors import first_line
 from svd_batch.schema import JobSpec, metadata_location
+from svd_batch.terminal import drop_known_native_notes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -192,6 +193,7 @@ def run(
         TextColumn("{task.fields[detail]}"),
         TimeRemainingColumn(),
     )
+    drop_known_native_notes()
     started = time.monotonic()
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(spec.name, total=None, detail="planning")

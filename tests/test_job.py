@@ -337,11 +337,6 @@ def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
     assert run_job(spec, max_duration=0.01) == Counter(skipped=1, left=1)
 
 
-# Ray 2.60 logs this from its C++ core for every Ray Data actor pool (ray issue 57733: Ray Data
-# passes its own constructor arguments through the object store); nothing svd-batch can change.
-RAY_DATA_ACTOR_NOTE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments")
-
-
 def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
     tmp_path: Path,
     tiny_model: Path,
@@ -359,8 +354,7 @@ def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
         rf"videos:   {tmp_path}/outputs",
         rf"metadata: {tmp_path}/outputs/metadata",
     ]
-    shown = [line for line in lines if not RAY_DATA_ACTOR_NOTE.search(line)]
-    assert len(shown) == len(expected) and all(re.fullmatch(p, s) for p, s in zip(expected, shown, strict=True)), lines
+    assert len(lines) == len(expected) and all(re.fullmatch(p, s) for p, s in zip(expected, lines, strict=True)), lines
 
 
 def test_tiny_model_says_where_it_wrote_and_nothing_else(tmp_path: Path) -> None:
