@@ -120,21 +120,31 @@ def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_serv
         s3.put_object(
             Bucket="inputs", Key=f"m/img/{i}.png", Body=make_image(tmp_path / f"{i}.png", seed=i).read_bytes()
         )
+    big = make_image(tmp_path / "big.png", size=(400, 300)).read_bytes()  # ~350 kB: above the cap below
+    s3.put_object(Bucket="inputs", Key="m/img/big.png", Body=big)
     rows = [
         {"id": "x", "image": "img/0.png"},
         {"id": "y", "image": "s3://inputs/m/img/1.png"},
         {"id": "gone", "image": "img/missing.png"},
+        {"id": "big", "image": "img/big.png"},
     ]
     s3.put_object(Bucket="inputs", Key="m/manifest.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     spec = write_job(
-        tmp_path / "job", [], tiny_model, manifest="s3://inputs/m/manifest.jsonl", output="s3://outputs/run"
+        tmp_path / "job",
+        [],
+        tiny_model,
+        manifest="s3://inputs/m/manifest.jsonl",
+        output="s3://outputs/run",
+        inputs={"max_bytes": 100_000},
     )
-    assert run_job(spec) == Counter(ok=2, failed=1)
+    assert run_job(spec) == Counter(ok=2, failed=2)
     df = results(spec).set_index("id")
     assert df.loc["x", "mp4_uri"].startswith("s3://outputs/run/videos/x-")
     key = df.loc["x", "mp4_uri"].removeprefix("s3://outputs/")
     assert s3.head_object(Bucket="outputs", Key=key)["ContentLength"] > 0
     assert "missing.png" in df.loc["gone", "error"]
+    # Refused for its size (which the worker asks S3 for with HEAD, before reading).
+    assert "s3://inputs/m/img/big.png is 0.3 MiB, above inputs.max_bytes (0.1 MiB)" in df.loc["big", "error"]
     assert any(o["Key"].startswith("run/metadata/part-") for o in s3.list_objects_v2(Bucket="outputs")["Contents"])
 
 
