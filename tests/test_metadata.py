@@ -55,6 +55,20 @@ def test_resume_index_and_latest_follow_the_newest_run(tmp_path: Path) -> None:
     assert current.loc["x", "status"] == "ok" and len(current) == 3
 
 
+def test_a_retryable_failure_is_queued_again_and_a_final_one_waits_for_retry_failed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    died = row("died", Status.failed, "1").model_copy(update={"retryable": True})
+    for run, rows in (
+        ("20260101T000000Z-a", [died, row("bad", Status.failed, "1"), row("later", Status.failed, "1")]),
+        ("20260102T000000Z-b", [row("later", Status.failed, "2").model_copy(update={"retryable": True})]),
+    ):
+        writer = MetadataWriter(storage, run)
+        writer.add(rows)
+        writer.close()
+    index = resume_index(storage)
+    assert index.failed == {"bad"} and not index.done  # died and later (retryable at last) render again
+
+
 def test_parts_from_an_older_schema_still_read(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
