@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 export PIP_CACHE_DIR := $(abspath $(VENV))/pip-cache
 export SVD_BATCH_CACHE := $(abspath .cache)
 
+# -qq: pip's errors still show; its notes (and a machine's own index warnings) do not.
+PIP := --disable-pip-version-check -qq
+
 REFERENCE := $(VENV)/torch-reference
 REFERENCE_STAMP := $(REFERENCE)/.installed
 
@@ -19,14 +22,16 @@ setup: $(STAMP)
 reference: $(REFERENCE_STAMP)
 
 $(REFERENCE_STAMP): requirements-reference.lock | $(STAMP)
+	@echo "setting up $(REFERENCE), the torch reference of the parity tests"
 	@test -x $(REFERENCE)/bin/python || python3 -m venv $(REFERENCE)
-	$(REFERENCE)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-reference.lock
+	@$(REFERENCE)/bin/python -m pip install $(PIP) -r requirements-reference.lock
 	@touch $(REFERENCE_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
+	@echo "setting up $(VENV) from requirements.lock (the first time downloads ~1 GB)"
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@$(PY) -m pip install $(PIP) -r requirements.lock
+	@$(PY) -m pip install $(PIP) --no-deps -e .
 	@touch $(STAMP)
 
 demo: setup
