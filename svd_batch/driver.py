@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
-from svd_batch.engine.loader import ModelError, check_model_dir
+from svd_batch.engine.loader import ModelError, check_model_dir, worker_memory
 from svd_batch.errors import first_line
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
@@ -102,6 +102,10 @@ def _format_duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return "".join(f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v) or "0s"
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def new_run_id() -> str:
@@ -220,11 +224,26 @@ class Job:
         except StorageError as exc:
             raise JobError(str(exc)) from None
         try:
-            check_model_dir(Path(self.spec.model.path), self.spec.model.variant)
+            weights = check_model_dir(Path(self.spec.model.path), self.spec.model.variant)
         except ModelError as exc:
             raise JobError(f"model.path: {exc}") from None
+        self.worker_memory = worker_memory(weights, self.spec.model.dtype)
         self.index = resume_index(self.meta)
         self.writer = MetadataWriter(self.meta, self.run_id)
+
+    def _check_memory(self) -> None:
+        """Refuse at start a pool that cannot fit: never let the OS kill workers mid-job."""
+        import ray
+
+        count, need = self.spec.workers.count, self.worker_memory
+        nodes = [node["Resources"].get("memory", 0.0) for node in ray.nodes() if node["Alive"]]
+        fits = sum(int(memory // need) for memory in nodes)
+        if fits < count:
+            raise JobError(
+                f"workers.count: {count} workers need {_gib(need)} of host memory each (the model's weights twice "
+                f"while loading, and the runtime), and the cluster's nodes offer {', '.join(map(_gib, nodes))}: "
+                f"{fits} fit. Lower workers.count to {fits}, use a smaller dtype, or add nodes"
+            )
 
     def plan(self) -> Plan:
         import ray
@@ -290,6 +309,8 @@ class Job:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers.count),
             num_cpus=workers.cpus_per_worker,
+            # What the loaded model holds: Ray places no worker where it would not fit.
+            memory=self.worker_memory,
             resources=resources or None,
             # Ray Data restarts a worker that dies and retries its batch on it (a restart reloads
             # the model), without bound: the bound is per row, kept by the run's JobControl, so
@@ -320,6 +341,7 @@ class Job:
             connect(self.address, runtime_env=None if submitted else {"env_vars": WORKER_ENV}, log_to_driver=False)
         except ClusterError as exc:
             raise JobError(str(exc)) from None
+        self._check_memory()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

@@ -255,6 +255,9 @@ class ResultRow(BaseModel):
     model_path: str | None = None
     model_sha256: str | None = None
     load_s: float | None = None
+    # The worker's peak resident memory once its model is loaded, on its first row: what a
+    # worker really holds, beside the estimate it asked Ray for.
+    load_peak_rss_mb: float | None = None
     denoise_s: float | None = None
     decode_s: float | None = None
     encode_s: float | None = None

@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import os
+import resource
 import socket
 import tempfile
 import threading
@@ -57,6 +58,7 @@ class RowWorker:
         self.node = socket.gethostname()
         self.worker_id = f"pid-{os.getpid()}"
         self.load_s = time.perf_counter() - started
+        self.load_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         self._loads_reported = False
 
     def process(self, items: Sequence[WorkItem], attempt: int = 1) -> list[ResultRow]:
@@ -85,7 +87,7 @@ class RowWorker:
         )
         if not self._loads_reported:
             # The model load belongs to the first row this worker makes, not to every row.
-            row.load_s, self._loads_reported = self.load_s, True
+            row.load_s, row.load_peak_rss_mb, self._loads_reported = self.load_s, self.load_peak_rss_mb, True
         prepared, field = _Prepared(item, row), "params"
         try:
             params = row.params = self.renderer.resolve(item.params)

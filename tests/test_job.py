@@ -79,6 +79,9 @@ def test_every_row_ends_as_one_metadata_row_per_video(local_job: Path) -> None:
     assert json.loads(a.tags) == {"k": "v"}
     assert len(a.model_sha256) == 64 and len(a.input_sha256) == 64 and a.input_width == 48
     assert a.denoise_s > 0 and a.encode_s > 0 and a.device == "cpu" and a.attempt == 1
+    # One worker: its first row carries the load and the memory it peaked at (a MindSpore process).
+    assert df.load_s.notna().sum() == 1 and df.load_peak_rss_mb.notna().sum() == 1
+    assert 200 < df.load_peak_rss_mb.max() < 8000
 
 
 def test_failures_name_row_field_and_fix(local_job: Path) -> None:
@@ -371,3 +374,27 @@ def test_tiny_model_says_where_it_wrote_and_nothing_else(tmp_path: Path) -> None
     done = cli("tiny-model", str(tmp_path / "m"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (done.stdout + done.stderr).strip() == f"tiny SVD pipeline written to {tmp_path / 'm'}"
+
+
+def test_a_pool_that_cannot_fit_in_host_memory_stops_at_start(
+    tmp_path: Path,
+    tiny_model: Path,
+    ray_cluster,  # type: ignore[no-untyped-def]
+) -> None:
+    from svd_batch.engine.loader import check_model_dir, worker_memory
+
+    weights = check_model_dir(tiny_model)
+    elements = sum(f.stat().st_size for files in weights.values() for f in files) / 4  # fp32 files
+    assert worker_memory(weights, "fp32") == pytest.approx(2 * 4 * elements + 2**30, rel=0.01)
+    assert worker_memory(weights, "fp16") < worker_memory(weights, "fp32")  # it holds what it computes in
+    make_image(tmp_path / "img" / "0.png")
+    spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model, workers={"count": 1000})
+    done = cli("run", str(spec), "--address", ray_cluster.get_runtime_context().gcs_address)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.strip()]
+    assert re.fullmatch(
+        r"error: workers\.count: 1000 workers need 1\.0 GiB of host memory each \(.*\), and the cluster's nodes "
+        r"offer \d+\.\d GiB: \d+ fit\. Lower workers\.count to \d+, use a smaller dtype, or add nodes",
+        line,
+    ), line
+    assert not (tmp_path / "outputs" / "videos").exists()  # nothing rendered
