@@ -50,8 +50,7 @@ class InputPolicy:
     def _normal(uri: str) -> str:
         if uri.startswith("s3://"):
             return "s3://" + posixpath.normpath(uri.removeprefix("s3://"))
-        path = uri.removeprefix("file://") if uri.startswith("file://") else uri
-        return posixpath.normpath(path)
+        return posixpath.normpath(uri.removeprefix("file://"))
 
     def check(self, uri: str) -> None:
         """Refuse a reference outside the allow-list, as written; nothing is read or stat'ed."""
