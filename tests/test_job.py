@@ -29,6 +29,7 @@ from tests.helpers import (
     free_port,
     make_image,
     results,
+    rows_and_images,
     run_job,
     videos_match_metadata,
     wait_until,
@@ -286,10 +287,8 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
 ) -> None:
     import ray
 
-    rows = [{"id": f"m{i}", "image": f"img/{i}.png"} for i in range(4)]
+    rows = rows_and_images(tmp_path, 4)
     rows.insert(1, {"id": "poison", "image": "img/0.png"})
-    for i in range(4):
-        make_image(tmp_path / "img" / f"{i}.png", seed=i)
     spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 4, "max_attempts": 2})
     job = Job(load_spec(spec))
     outcome: list[Counter[str]] = []
@@ -331,12 +330,8 @@ def _actor(name: str) -> object:
 def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
-    for i in range(2):
-        make_image(tmp_path / "img" / f"{i}.png", seed=i)
-    rows = [
-        {"id": "slow", "image": "img/0.png", "num_inference_steps": 1000},  # minutes, on any machine here
-        {"id": "fine", "image": "img/1.png"},
-    ]
+    slow, fine = rows_and_images(tmp_path, 2)
+    rows = [{**slow, "id": "slow", "num_inference_steps": 1000}, {**fine, "id": "fine"}]  # slow: minutes, here
     # One row a call: the slow row times out alone (with batch-mates the worker first finds the
     # culprit one row at a time, as for a poison row).
     spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 1, "row_timeout_s": 20})
