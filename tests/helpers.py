@@ -99,12 +99,6 @@ def results(spec_path: Path) -> pd.DataFrame:
     return read_table(open_storage(spec.metadata_uri)).to_pandas()
 
 
-def committed_ok(spec_path: Path) -> int:
-    """How many ok rows are in committed Parquet parts (0 while there are none)."""
-    folder = Path(load_spec(spec_path).metadata_uri)
-    return int((results(spec_path).status == "ok").sum()) if list(folder.glob("part-*.parquet")) else 0
-
-
 def status_counts(spec_path: Path) -> dict[str, int]:
     """The counts of the job's live `_status.json` ({} until the driver has written one)."""
     status = Path(load_spec(spec_path).metadata_uri) / "_status.json"
