@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from svd_batch.schema import JobSpec
-from svd_batch.storage import StorageError, local_path, read_error, read_s3
+from svd_batch.storage import StorageError, local_path, read_error, s3_body, s3_size
 
 
 class InputError(StorageError):
@@ -67,7 +67,8 @@ class InputPolicy:
         """The bytes of an allowed, regular, not too large input."""
         self.check(uri)
         if uri.startswith("s3://"):
-            return read_s3(uri, self.max_bytes)
+            self._check_size(uri, s3_size(uri))
+            return s3_body(uri).read()
         path = local_path(uri)  # resolved: symlinks followed to where they really lead
         if not any(_under(str(path), str(local_path(root))) for root in self.allow if "://" not in root):
             self._refuse(uri)
@@ -78,14 +79,20 @@ class InputPolicy:
         except OSError as exc:
             raise read_error(path, exc) from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > self.max_bytes:
-            os.close(fd)
+        try:
             if not stat.S_ISREG(info.st_mode):
                 kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
                 raise InputError(f"{path} is {kind}, not a regular file; point the row at an image file")
-            raise InputError(
-                f"{path} is {_mib(info.st_size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
-                "shrink the file or raise inputs.max_bytes"
-            )
+            self._check_size(str(path), info.st_size)
+        except InputError:
+            os.close(fd)
+            raise
         with os.fdopen(fd, "rb") as handle:
             return handle.read(self.max_bytes + 1)[: self.max_bytes]
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size > self.max_bytes:
+            raise InputError(
+                f"{name} is {_mib(size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
+                "shrink the file or raise inputs.max_bytes"
+            )

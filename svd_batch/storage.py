@@ -204,26 +204,19 @@ def s3_body(uri: str):  # type: ignore[no-untyped-def]
         raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
 
 
-def read_s3(uri: str, max_bytes: int | None = None) -> bytes:
-    """An object's bytes; with `max_bytes`, its size is checked by HEAD before any is read."""
-    if max_bytes is not None:
-        parsed = urlparse(uri)
-        try:
-            size = _s3_client().head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["ContentLength"]
-        except Exception as exc:
-            raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
-        if size > max_bytes:
-            raise StorageError(
-                f"{uri} is {size / 2**20:.1f} MiB, above inputs.max_bytes ({max_bytes / 2**20:.1f} MiB); "
-                "shrink the file or raise inputs.max_bytes"
-            )
-    return s3_body(uri).read()
+def s3_size(uri: str) -> int:
+    """An object's size in bytes, from HEAD: nothing of it is read."""
+    parsed = urlparse(uri)
+    try:
+        return _s3_client().head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["ContentLength"]
+    except Exception as exc:
+        raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
 
 
 def read_uri(uri: str, base: Path | None = None) -> bytes:
     """Bytes of a local path or `s3://` object; errors say which and why."""
     if urlparse(uri).scheme == "s3":
-        return read_s3(uri)
+        return s3_body(uri).read()
     path = local_path(uri, base)
     try:
         return path.read_bytes()
