@@ -121,10 +121,10 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 job = Job(load_spec(Path(sys.argv[1])))
 start = time.perf_counter()
 job.start()
-plan = job.plan()
-job.writer.close()
+job.plan()
+job.lease.release()
 elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "queued": len(plan.queued_keys), "skipped": plan.counts["skipped"],
+print(json.dumps({"seconds": elapsed, "queued": len(job.queued), "skipped": job.counts["skipped"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -132,10 +132,11 @@ print(json.dumps({"seconds": elapsed, "queued": len(plan.queued_keys), "skipped"
 def planning(model: Path, rows: int) -> dict[str, Any]:
     """Plan a manifest of which 99% is done; run in a fresh process so its peak RSS is its own."""
     from svd_batch.driver import load_spec, new_run_id
+    from svd_batch.engine.loader import check_model_dir, fingerprint
     from svd_batch.manifest import read_rows
     from svd_batch.metadata import MetadataWriter
     from svd_batch.plan import Planner
-    from svd_batch.schema import Status
+    from svd_batch.schema import ResultRow, Status
     from svd_batch.storage import open_storage
 
     folder = WORK / f"plan-{rows}"
@@ -164,12 +165,16 @@ def planning(model: Path, rows: int) -> dict[str, Any]:
         meta.delete(key)
     # An earlier run that finished 99% of the rows.
     run_id = new_run_id()
-    writer, planner = MetadataWriter(meta, run_id, flush_seconds=3600), Planner(spec, spec.manifest, run_id)
+    weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
+    writer, planner = MetadataWriter(meta, run_id, flush_seconds=3600), Planner(spec, spec.manifest, run_id, weights)
     done, batch, now = 0, [], dt.datetime.now(dt.UTC)
     for number, row in read_rows(spec.manifest):
         if number % 100 == 0:
             continue
-        batch += [item.record(Status.ok, None, now) for item in planner.resolve(row, number)]
+        batch += [
+            ResultRow.for_item(item.work_item(), Status.ok, mp4_uri=f"s3://b/{item.key}.mp4", ended_at=now)
+            for item in planner.resolve(row, number)
+        ]
         if len(batch) >= 10_000:
             writer.add(batch)
             done, batch = done + len(batch), []

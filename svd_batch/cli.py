@@ -31,13 +31,18 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the pipeline directory.")],
     seed: Annotated[int, typer.Option(help="Weight seed; the same seed writes identical files.")] = 0,
+    variant: Annotated[
+        str | None, typer.Option(help="fp16: write *.fp16.safetensors (float16), as the hub's fp16 files.")
+    ] = None,
 ) -> None:
     """Write a tiny random-weight SVD pipeline (real SVD classes, small configs)."""
     if directory.exists() and any(directory.iterdir()):
         raise fail(f"{directory} exists and is not empty; choose a new directory")
-    from svd_batch.engine.tiny import build_tiny_model
+    from svd_batch.engine.tiny import VARIANTS, build_tiny_model
 
-    build_tiny_model(directory, seed)
+    if variant not in (None, *VARIANTS):
+        raise fail(f"--variant {variant}: the tiny model is written as fp32 (no --variant) or --variant fp16")
+    build_tiny_model(directory, seed, variant)
     out.print(f"tiny SVD pipeline written to {directory}")
 
 
@@ -82,6 +87,7 @@ def render(
 
     from svd_batch.plan import Planner, RowError
     from svd_batch.schema import JobSpec, ManifestRow, explain
+    from svd_batch.storage import local_path
     from svd_batch.worker import RowWorker
 
     defaults = parse_settings(settings)
@@ -108,8 +114,14 @@ def render(
         raise fail(
             f"--set {name}: {reason}" if field.startswith("defaults.") else f"--{name.replace('_', '-')}: {reason}"
         ) from None
+    from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint
+
+    try:
+        weights = fingerprint(spec.model.path, check_model_dir(spec.model.path, variant))
+    except ModelError as exc:
+        raise fail(str(exc)) from None
     items = []
-    planner = Planner(spec, str(Path.cwd() / "-"), "render")
+    planner = Planner(spec, str(Path.cwd() / "-"), "render", weights)
     for number, image in enumerate(images, start=1):
         row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
         try:
@@ -117,8 +129,6 @@ def render(
             items += [r.work_item() for r in resolved]
         except RowError as exc:
             raise fail(f"{image}: {exc.field}: {exc.reason}") from None
-    from svd_batch.engine.loader import ModelError
-
     try:
         worker = RowWorker(spec)
     except ModelError as exc:
@@ -127,7 +137,7 @@ def render(
     for row in rows:
         if row.status == "ok":
             uris = [getattr(row, f"{f}_uri") for f in spec.formats]
-            out.print(f"{row.id} (seed {row.seed}): " + " ".join(u.removeprefix("file://") for u in uris))
+            out.print(f"{row.id} (seed {row.seed}): " + " ".join(str(local_path(u)) for u in uris))
         else:
             err.print(f"[red]failed[/] {row.error}", highlight=False)
     if any(r.status != "ok" for r in rows):
@@ -165,13 +175,18 @@ def run(
             "else a private local cluster."
         ),
     ] = None,
-    retry_failed: Annotated[bool, typer.Option(help="Render again the rows that failed in earlier runs.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Render again the rows whose failure was final (bad input or parameters).")
+    ] = False,
+    verify_outputs: Annotated[
+        bool, typer.Option(help="List the output prefix; a done row whose video is gone is made again.")
+    ] = False,
     deadline: Annotated[
         str | None, typer.Option(help="HH:MM local time: stop taking rows then (next occurrence).")
     ] = None,
     max_duration: Annotated[str | None, typer.Option(help="Stop taking rows after this long, e.g. 8h or 90m.")] = None,
 ) -> None:
-    """Run a job on Ray: render every row not done yet.
+    """Run a job on Ray: render every row not done yet (all its formats committed ok).
 
     Exit 0 all ok, 1 rows failed, 2 cannot start, 3 stopped early (deadline or signal; rerun resumes).
     SIGTERM and Ctrl-C drain: rows in flight finish and are committed; a second one stops at once.
@@ -208,6 +223,7 @@ def run(
         runner = Job(
             spec,
             retry_failed=retry_failed,
+            verify_outputs=verify_outputs,
             address=address,
             progress=show,
             deadline=until,
@@ -220,6 +236,9 @@ def run(
             bar.remove_task(task)  # the job never started: the one line below says why
             raise fail(str(exc), EXIT_CANNOT_START) from None
     _summary(spec, runner.run_id, counts)
+    for (stage, kind, retryable), n in sorted(runner.failures.items(), key=lambda item: -item[1]):
+        then = "the next run makes them" if retryable else "final: `--retry-failed` makes them again"
+        out.print(f"failed {n}: {stage}/{kind} ({then})", highlight=False)
     if runner.stalled:
         err.print(f"[bold red]stalled:[/] {runner.stalled}", highlight=False, soft_wrap=True)
     if runner.stopped:

@@ -1,41 +1,44 @@
-"""The job: spec -> plan -> Ray Data over an actor pool -> metadata, with progress and exit codes.
+"""The job: spec -> plan -> render -> ledger, with progress, limits and exit codes.
 
-1. load and check the spec, storage and model (exit 2 if the job cannot start)
-2. plan: stream the manifest, record bad rows and done rows, queue the rest
-3. render: Ray Data streams queued items through one actor per device
-4. commit each returned batch of result rows to Parquet as it arrives
-5. account for every queued item, write the status file, print the summary
+1. start: check the spec, storage and model, take the output's lease (exit 2 if not)
+2. plan (plan.py): stream the manifest against what earlier runs made; queue the rest
+3. render (render.py): Ray Data streams queued items through one actor per device
+4. ledger: commit each returned batch of rows to Parquet as it arrives (metadata.py), account
+   for every queued item, write the run's record and status, release the lease (ledger.py)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import ValidationError
 
 from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
-from svd_batch.engine.loader import ModelError, check_model_dir, worker_memory
+from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, worker_memory
 from svd_batch.errors import first_line
+from svd_batch.ledger import Lease, LeaseHeld, Progress, progress, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
-from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, resume_index
-from svd_batch.plan import Planner, RowError
-from svd_batch.schema import JobSpec, ResultRow, Status, explain
+from svd_batch.metadata import FLUSH_ROWS, MetadataWriter
+from svd_batch.plan import Planner, RowError, stand_in
+from svd_batch.render import Stalled, block, configure_ray_data, render, start_control
+from svd_batch.schema import JobSpec, ResultRow, RunRecord, Stage, Status, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
@@ -64,17 +67,28 @@ def load_spec(path: Path) -> JobSpec:
         raise JobError(f"{path}: {field}: {reason}") from None
     base = path.resolve().parent
 
-    def anchor(uri: str) -> str:
-        return uri if "://" in uri else str(local_path(uri, base))
+    def anchor(name: str, uri: str, local_only: bool = False) -> str:
+        # file://relative means what the bare relative path means: relative to the spec.
+        if uri.startswith("s3://") and not local_only:
+            return uri
+        try:
+            return str(local_path(uri, base))
+        except StorageError as exc:
+            raise JobError(f"{path}: {name}: {exc}") from None
 
-    model = spec.model.model_copy(update={"path": local_path(str(spec.model.path), base)})
-    update: dict[str, Any] = {"manifest": anchor(spec.manifest), "output": anchor(spec.output), "model": model}
+    # Weights are a local directory (copied to each node, or on a shared filesystem).
+    model = spec.model.model_copy(update={"path": Path(anchor("model.path", str(spec.model.path), local_only=True))})
+    update: dict[str, Any] = {
+        "manifest": anchor("manifest", spec.manifest),
+        "output": anchor("output", spec.output),
+        "model": model,
+    }
     if spec.metadata:
-        update["metadata"] = anchor(spec.metadata)
+        update["metadata"] = anchor("metadata", spec.metadata)
     if spec.manifest_base:
-        update["manifest_base"] = anchor(spec.manifest_base)
+        update["manifest_base"] = anchor("manifest_base", spec.manifest_base)
     if spec.inputs.allow:
-        allow = [root if root.startswith("s3://") else str(local_path(root, base)) for root in spec.inputs.allow]
+        allow = [anchor("inputs.allow", root) for root in spec.inputs.allow]
         update["inputs"] = spec.inputs.model_copy(update={"allow": allow})
     return spec.model_copy(update=update)
 
@@ -113,63 +127,258 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def _bad_row(spec: JobSpec, run_id: str, error: RowError) -> ResultRow:
-    return ResultRow(
-        job=spec.name,
-        run_id=run_id,
-        id=error.row_id or f"(row {error.line})",
-        video_index=0,
-        key=f"invalid/row-{error.line}",
-        status=Status.failed,
-        error=str(error),
-        image="",
-        ended_at=dt.datetime.now(dt.UTC),
-    )
-
-
-@dataclass
-class Plan:
-    queued: list[Any] = field(default_factory=list)  # ObjectRefs of Arrow tables of work items
-    queued_keys: set[str] = field(default_factory=set)
-    counts: Counter[str] = field(default_factory=Counter)
-
-
 def validate(spec: JobSpec) -> Iterator[RowError]:
     """Every problem in the manifest, without rendering anything."""
-    planner = Planner(spec, spec.manifest, "validate")
+    planner = Planner(spec, spec.manifest, "validate", weights="")
+    nothing_earlier = Progress(frozenset(), {}, frozenset())
     try:
-        for number, row in read_rows(spec.manifest):
-            if isinstance(row, RowError):
-                yield row
-                continue
-            try:
-                planner.resolve(row, number)
-            except RowError as exc:
-                yield exc
+        for planned in planner.plan(read_rows(spec.manifest), nothing_earlier, retry_failed=False):
+            if isinstance(planned, RowError):
+                yield planned
     except ManifestError as exc:
         raise JobError(str(exc)) from None
 
 
-@dataclass
-class Job:
-    spec: JobSpec
-    retry_failed: bool = False
-    address: str | None = None
-    run_id: str = field(default_factory=new_run_id)
-    progress: Any = None  # callable(counts: Counter, total: int) for live progress
-    deadline: dt.datetime | None = None  # local wall-clock time to stop taking rows
-    max_duration: float | None = None  # seconds after the start to stop taking rows
-    handle_signals: bool = False  # SIGTERM / Ctrl-C drain the job (the CLI sets this)
-    status_every: float = 2.0
-    stalled: str | None = None  # why the workers stopped making progress, if they did
-    stopped: str | None = None  # why the job stopped taking rows early, if it did
-    _control: Any = None
-    _started: float = field(default_factory=time.monotonic)
-    _last_status: float = 0.0
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
 
-    def _report(self, plan: Plan, total: int, state: str, force: bool = False) -> None:
+    found = {}
+    for name in ("svd-batch", "ray", "mindspore", "mindone", "pyarrow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+class Job:
+    def __init__(
+        self,
+        spec: JobSpec,
+        retry_failed: bool = False,
+        verify_outputs: bool = False,
+        address: str | None = None,
+        progress: Callable[[Counter[str], int], None] | None = None,
+        deadline: dt.datetime | None = None,  # local wall-clock time to stop taking rows
+        max_duration: float | None = None,  # seconds after the start to stop taking rows
+        handle_signals: bool = False,  # SIGTERM / Ctrl-C drain the job (the CLI sets this)
+        status_every: float = 2.0,
+    ) -> None:
+        self.spec, self.retry_failed, self.verify_outputs, self.address = spec, retry_failed, verify_outputs, address
+        self.progress, self.deadline, self.max_duration = progress, deadline, max_duration
+        self.handle_signals, self.status_every = handle_signals, status_every
+        self.run_id = new_run_id()
+        self.output = open_storage(spec.output)
+        self.meta = open_storage(spec.metadata_uri)
+        self.runs = open_storage(spec.runs_uri)
+        self.writer = MetadataWriter(self.meta, self.run_id)
+        self.lease = Lease(self.meta, self.run_id, spec.lease_ttl_s, on_lost=self.drain)
+        self.counts: Counter[str] = Counter()
+        # Failed rows of this run by (error_stage, error_type, retryable), for the summary.
+        self.failures: Counter[tuple[str, str, bool]] = Counter()
+        self.total = 0
+        # Queued and not returned yet: key -> (line, id, video index, image, seed), what its
+        # failed row needs if no worker returns it (kept small: a run may queue millions).
+        self.queued: dict[str, tuple[int, str, int, str, int]] = {}
+        self.stalled: str | None = None  # why the workers stopped making progress, if they did
+        self.stopped: str | None = None  # why the job stopped taking rows early, if it did
+        self.record: RunRecord | None = None
+        self.worker_memory = 0  # bytes each worker asks Ray for, from the weights (start)
+        self.weights = ""  # the model's fingerprint, which keys name (start)
+        self._control: Any = None
+        self._started = time.monotonic()
+        self._last_status = 0.0
+
+    def drain(self, reason: str) -> None:
+        """Stop taking rows: batches in flight finish and are committed; the rest are left."""
+        if self.stopped is None:
+            self.stopped = reason
+        if self._control is not None:
+            self._control.drain.remote()
+
+    def run(self) -> Counter[str]:
+        self.start()
+        state = "failed"
+        try:
+            self._run()
+            state = "stopped" if self.stopped else "finished"
+            return self.counts
+        finally:
+            try:
+                self._finish(state)
+            finally:
+                self.lease.release()
+
+    def start(self) -> None:
+        """Everything that must hold before any row is touched (exit 2 otherwise)."""
+        try:
+            self.output.check()
+            self.meta.check()
+        except StorageError as exc:
+            raise JobError(str(exc)) from None
+        path = Path(self.spec.model.path)
+        try:
+            weights = check_model_dir(path, self.spec.model.variant)
+        except ModelError as exc:
+            raise JobError(f"model.path: {exc}") from None
+        self.worker_memory = worker_memory(weights, self.spec.model.dtype)
+        self.weights = fingerprint(path, weights)
+        try:
+            taken_over = self.lease.acquire()
+        except (LeaseHeld, StorageError) as exc:
+            raise JobError(f"output {self.spec.output}: {exc}") from None
+        if taken_over:
+            log.warning("%s", taken_over)
+        self.record = RunRecord(
+            job=self.spec.name,
+            run_id=self.run_id,
+            state="running",
+            spec_sha256=hashlib.sha256(self.spec.model_dump_json().encode()).hexdigest(),
+            model_fingerprint=self.weights,
+            versions=_versions(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=dt.datetime.now(dt.UTC),
+        )
+        try:
+            repair(self.meta)
+            write_record(self.runs, self.record)
+        except StorageError as exc:
+            self.lease.release()
+            raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
+
+    def _run(self) -> None:
+        timers = self._arm_timers()
+        # Submitted through the Jobs API, the job's runtime env already carries WORKER_ENV (see
+        # submit.py), and Ray refuses to merge a second one that sets the same variables.
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        try:
+            try:
+                connect(self.address, runtime_env=None if submitted else {"env_vars": WORKER_ENV}, log_to_driver=False)
+            except ClusterError as exc:
+                raise JobError(str(exc)) from None
+            self._check_memory()
+            configure_ray_data(self.spec)
+            if self.handle_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, self._on_signal)
+            blocks = self.plan()
+            if blocks and not self.stopped:
+                self._render(blocks)
+        finally:
+            for timer in timers:
+                timer.cancel()
+
+    def plan(self) -> list[Any]:
+        """Queue what is not done; record rows that cannot be planned. Returns the blocks."""
+        try:
+            outputs = self.output if self.verify_outputs else None
+            earlier = progress(self.meta, list(self.spec.formats), outputs)
+        except StorageError as exc:
+            raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
+        planner = Planner(self.spec, self.spec.manifest, self.run_id, self.weights)
+        blocks, chunk, invalid = [], [], []
+        try:
+            for planned in planner.plan(read_rows(self.spec.manifest), earlier, self.retry_failed):
+                if planned is None:
+                    self.counts["skipped"] += 1
+                elif isinstance(planned, RowError):
+                    invalid.append(_invalid_row(planned, self.spec.name, self.run_id))
+                    if len(invalid) >= FLUSH_ROWS:
+                        self._commit(invalid)
+                        invalid = []
+                else:
+                    chunk.append(planned.model_dump_json())
+                    self.queued[planned.key] = (
+                        planned.line,
+                        planned.id,
+                        planned.video_index,
+                        planned.image,
+                        planned.seed,
+                    )
+                    # One block per pipeline call: Ray Data gives a whole block to one actor, so
+                    # blocks of one batch let the pool share the work evenly.
+                    if len(chunk) == self.spec.workers.batch_size:
+                        blocks.append(block(chunk))
+                        chunk = []
+        except (StorageError, ManifestError) as exc:
+            raise JobError(str(exc)) from None
+        self._commit(invalid)
+        if chunk:
+            blocks.append(block(chunk))
+        self.total = sum(self.counts.values()) + len(self.queued)
+        return blocks
+
+    def _render(self, blocks: list[Any]) -> None:
+        self._control = start_control(self.run_id, draining=self.stopped is not None)
+        try:
+            for batch in render(self.spec, blocks, self.worker_memory):
+                self.writer.add(batch)
+                self.counts.update(batch.column("status").to_pylist())
+                failed = batch.filter(pc.equal(batch.column("status"), Status.failed.value))
+                columns = (failed.column(c).to_pylist() for c in ("error_stage", "error_type", "retryable"))
+                self.failures.update((s, t, bool(r)) for s, t, r in zip(*columns, strict=True))
+                for key in batch.column("key").to_pylist():
+                    self.queued.pop(key, None)
+                self._report("running")
+        except Stalled as exc:
+            self.stalled = str(exc)
+
+    def _commit(self, rows: list[ResultRow]) -> None:
+        self.writer.add(rows)
+        self.counts.update(r.status for r in rows)
+        self.failures.update(
+            (r.error_stage, r.error_type, bool(r.retryable)) for r in rows if r.status == Status.failed
+        )
+
+    def _finish(self, state: str) -> None:
+        """Account for every queued item, commit, and leave the run's record and status."""
+        if self.record is None:
+            return
+        if self.queued and self.stopped:
+            self.counts["left"] += len(self.queued)
+        elif self.queued:
+            reason = self.stalled or "no worker returned it"
+            stage, kind = Stage.worker, "Stalled" if self.stalled else "Lost"
+            self._commit(
+                [
+                    ResultRow.for_item(
+                        stand_in(self.spec.name, self.run_id, key, *known),
+                        Status.failed,
+                        error=f"row {known[0]} (id {known[1]!r}): {stage}: {reason}; the next run renders it again",
+                        error_stage=stage,
+                        error_type=kind,
+                        retryable=True,
+                        ended_at=dt.datetime.now(dt.UTC),
+                    )
+                    for key, known in self.queued.items()
+                ]
+            )
+        self.queued = {}
+        try:
+            self.writer.close()
+        except StorageError as exc:
+            raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
+        finally:
+            self.record = self.record.model_copy(
+                update={
+                    "state": state,
+                    "exit_code": EXIT_CANNOT_START if state == "failed" else exit_code(self.counts, self.stopped),
+                    "counts": dict(self.counts),
+                    "ended_at": dt.datetime.now(dt.UTC),
+                    "stopped": self.stopped,
+                    "stalled": self.stalled,
+                }
+            )
+            try:
+                write_record(self.runs, self.record)
+            except StorageError as exc:
+                log.warning("run record not written: %s", exc)
+            self._report(state, force=True)
+
+    def _report(self, state: str, force: bool = False) -> None:
         if self.progress:
-            self.progress(plan.counts, total)
+            self.progress(self.counts, self.total)
         now = time.monotonic()
         if force or now - self._last_status >= self.status_every:
             self._last_status = now
@@ -177,8 +386,8 @@ class Job:
                 "job": self.spec.name,
                 "run_id": self.run_id,
                 "state": state,
-                "total": total,
-                "counts": dict(plan.counts),
+                "total": self.total,
+                "counts": dict(self.counts),
                 "elapsed_s": round(now - self._started, 1),
                 "output": self.spec.output,
                 "metadata": self.spec.metadata_uri,
@@ -190,13 +399,6 @@ class Job:
             except StorageError as exc:  # a progress note: never worth stopping the job for
                 log.warning("status not written: %s", exc)
 
-    def drain(self, reason: str) -> None:
-        """Stop taking rows: batches in flight finish and are committed; the rest are left."""
-        if self.stopped is None:
-            self.stopped = reason
-        if self._control is not None:
-            self._control.drain.remote()
-
     def _arm_timers(self) -> list[threading.Timer]:
         limits = []
         if self.deadline is not None:
@@ -204,32 +406,20 @@ class Job:
             limits.append((seconds, f"stopped at deadline {self.deadline:%H:%M}"))
         if self.max_duration is not None:
             limits.append((self.max_duration, f"stopped at the {_format_duration(self.max_duration)} limit"))
-        timers = [threading.Timer(max(seconds, 0.0), self.drain, args=(reason,)) for seconds, reason in limits]
-        for timer in timers:
+        timers = []
+        for seconds, reason in limits:
+            if seconds <= 0:  # already due: no row is taken (a timer thread might start late)
+                self.drain(reason)
+                continue
+            timer = threading.Timer(seconds, self.drain, args=(reason,))
             timer.daemon = True
             timer.start()
+            timers.append(timer)
         return timers
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.drain(f"stopped by {signal.Signals(signum).name}")
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the driver at once
-
-    def start(self) -> None:
-        """Everything that must hold before any row is touched (exit 2 otherwise)."""
-        self.output = open_storage(self.spec.output)
-        self.meta = open_storage(self.spec.metadata_uri)
-        try:
-            self.output.check()
-            self.meta.check()
-        except StorageError as exc:
-            raise JobError(str(exc)) from None
-        try:
-            weights = check_model_dir(Path(self.spec.model.path), self.spec.model.variant)
-        except ModelError as exc:
-            raise JobError(f"model.path: {exc}") from None
-        self.worker_memory = worker_memory(weights, self.spec.model.dtype)
-        self.index = resume_index(self.meta)
-        self.writer = MetadataWriter(self.meta, self.run_id)
 
     def _check_memory(self) -> None:
         """Refuse at start a pool that cannot fit: never let the OS kill workers mid-job."""
@@ -245,157 +435,17 @@ class Job:
                 f"{fits} fit. Lower workers.count to {fits}, use a smaller dtype, or add nodes"
             )
 
-    def plan(self) -> Plan:
-        import ray
 
-        plan, chunk, skipped = Plan(), [], []
-        now = dt.datetime.now(dt.UTC)
-        planner = Planner(self.spec, self.spec.manifest, self.run_id)
-        done, failed = self.index.done, self.index.failed
-        try:
-            for number, row in read_rows(self.spec.manifest):
-                try:
-                    if isinstance(row, RowError):
-                        raise row
-                    items = planner.resolve(row, number)
-                except RowError as exc:
-                    skipped.append(_bad_row(self.spec, self.run_id, exc))
-                    continue
-                for item in items:
-                    if item.key in done or (item.key in failed and not self.retry_failed):
-                        reason = None if item.key in done else "failed earlier; rerun with --retry-failed"
-                        skipped.append(item.record(Status.skipped, reason, now))
-                        if len(skipped) >= FLUSH_ROWS:
-                            self._record(skipped, plan)
-                            skipped = []
-                        continue
-                    chunk.append(item.work_item().model_dump_json())
-                    plan.queued_keys.add(item.key)
-                    # One object per pipeline call: Ray Data gives a whole block to one actor,
-                    # so blocks of one batch let the pool share the work evenly.
-                    if len(chunk) == self.spec.workers.batch_size:
-                        plan.queued.append(ray.put(pa.table({"item": chunk})))
-                        chunk = []
-        except (StorageError, ManifestError) as exc:
-            raise JobError(str(exc)) from None
-        self._record(skipped, plan)
-        if chunk:
-            plan.queued.append(ray.put(pa.table({"item": chunk})))
-        return plan
-
-    def _record(self, rows: list[ResultRow | dict[str, Any]], plan: Plan) -> None:
-        self.writer.add(rows)
-        plan.counts.update(r["status"] if isinstance(r, dict) else r.status for r in rows)
-
-    def render(self, plan: Plan, total: int) -> None:
-        import ray
-        from ray.data.exceptions import ExecutionTimeoutError
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from svd_batch.control import JobControl
-        from svd_batch.worker import worker_class
-
-        workers = self.spec.workers
-        resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
-        # On the driver's own node: a control actor on another node would die with it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        control = ray.remote(num_cpus=0)(JobControl)
-        self._control = control.options(name=JobControl.name(self.run_id), scheduling_strategy=here).remote()
-        if self.stopped:
-            self._control.drain.remote()
-        ds = ray.data.from_arrow_refs(plan.queued).map_batches(
-            worker_class(self.spec.model_dump_json()),
-            batch_size=workers.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers.count),
-            num_cpus=workers.cpus_per_worker,
-            # What the loaded model holds: Ray places no worker where it would not fit.
-            memory=self.worker_memory,
-            resources=resources or None,
-            # Ray Data restarts a worker that dies and retries its batch on it (a restart reloads
-            # the model), without bound: the bound is per row, kept by the run's JobControl, so
-            # a row that kills its worker every time fails alone after workers.max_attempts.
-        )
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                self.writer.add(batch)
-                plan.counts.update(batch.column("status").to_pylist())
-                plan.queued_keys.difference_update(batch.column("key").to_pylist())
-                self._report(plan, total, "running")
-        except ExecutionTimeoutError:
-            wanted = {"CPU": workers.cpus_per_worker, **(resources or {})}
-            self.stalled = (
-                f"no worker made progress for {workers.no_progress_timeout_s:.0f} s; check that the cluster "
-                f"has {workers.count} x {wanted} free (`ray status`)"
-            )
-
-    def run(self) -> Counter[str]:
-        import ray
-
-        self.start()
-        timers = self._arm_timers()
-        # Submitted through the Jobs API, the job's runtime env already carries WORKER_ENV (see
-        # submit.py), and Ray refuses to merge a second one that sets the same variables.
-        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        try:
-            connect(self.address, runtime_env=None if submitted else {"env_vars": WORKER_ENV}, log_to_driver=False)
-        except ClusterError as exc:
-            raise JobError(str(exc)) from None
-        self._check_memory()
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        context.execution_no_progress_timeout_s = self.spec.workers.no_progress_timeout_s
-        # A worker whose node dies mid-batch fails its task with ActorUnavailableError: retry it
-        # on the restarted worker. A batch that still fails is
-        # skipped, not fatal: its rows are accounted as failed and the other rows go on.
-        context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
-        context.max_errored_blocks = -1
-        if self.handle_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._on_signal)
-        plan = self.plan()
-        total = sum(plan.counts.values()) + len(plan.queued_keys)
-        state = "failed"
-        try:
-            if plan.queued and not self.stopped:
-                self.render(plan, total)
-            state = "stopped" if self.stopped else "finished"
-        finally:
-            for timer in timers:
-                timer.cancel()
-            self._account(plan)
-            try:
-                self.writer.close()
-            except StorageError as exc:
-                raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
-            self._report(plan, total, state, force=True)
-        return plan.counts
-
-    def _account(self, plan: Plan) -> None:
-        """Rows queued but never returned end as failed rows (workers kept dying on them),
-        or, when the job was stopped early, are left for the next run to render."""
-        if not plan.queued_keys:
-            return
-        if self.stopped:
-            plan.counts["left"] += len(plan.queued_keys)
-            return
-        lost = [
-            ResultRow(
-                job=self.spec.name,
-                run_id=self.run_id,
-                id=key,
-                video_index=0,
-                key=key,
-                status=Status.failed,
-                error=f"key {key}: " + (self.stalled or "no worker returned it") + "; the next run renders it again",
-                retryable=True,
-                image="",
-                ended_at=dt.datetime.now(dt.UTC),
-            )
-            for key in sorted(plan.queued_keys)
-        ]
-        self._record(lost, plan)
+def _invalid_row(error: RowError, job: str, run_id: str) -> ResultRow:
+    return ResultRow.for_item(
+        stand_in(job, run_id, f"invalid/row-{error.line}", error.line, error.row_id or f"(row {error.line})"),
+        Status.failed,
+        error=str(error),
+        error_stage=Stage.manifest,
+        error_type="InvalidRow",
+        retryable=False,
+        ended_at=dt.datetime.now(dt.UTC),
+    )
 
 
 def exit_code(counts: Counter[str], stopped: str | None = None) -> int:

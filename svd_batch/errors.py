@@ -11,3 +11,12 @@ def first_line(exc: BaseException, with_type: bool = False) -> str:
     if with_type:
         return f"{type(exc).__name__}: {text}".rstrip(": ")
     return text or type(exc).__name__
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether the same work could succeed on a later run: the failure was the moment's (a
+    storage outage, memory pressure), not the row's. Errors that know say so (`retryable`)."""
+    known = getattr(exc, "retryable", None)
+    if known is not None:
+        return bool(known)
+    return isinstance(exc, MemoryError | TimeoutError | ConnectionError) or "out of memory" in str(exc).lower()

@@ -19,7 +19,10 @@ from svd_batch.storage import StorageError, local_path, read_error, s3_body, s3_
 
 
 class InputError(StorageError):
-    """A row's input is refused; the message names it and the fix."""
+    """A row's input is refused; the message names it and the fix. Final: it will not pass."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 def manifest_dir(manifest_uri: str) -> str:

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
 from svd_batch.plan import RowError
 from svd_batch.schema import ManifestRow, explain
-from svd_batch.storage import StorageError, local_path, s3_body
+from svd_batch.storage import StorageError, local_path, s3_body, split_s3
 
 PARQUET_BATCH = 4096
 # Rows are small (an id, a path, a few tags); a larger one is a mistake, such as a whole
@@ -32,7 +31,7 @@ Raw = dict[str, Any] | RowError
 
 @contextmanager
 def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
-    if urlparse(uri).scheme == "s3":
+    if uri.startswith("s3://"):
         body = s3_body(uri)
         try:
             yield body
@@ -62,18 +61,61 @@ def _lines(text: io.TextIOBase) -> Iterator[str | None]:
         yield None
 
 
+def _text(stream: io.BufferedIOBase, newline: str | None) -> io.TextIOWrapper:
+    # utf-8-sig drops a byte-order mark. An invalid byte becomes a lone surrogate instead of
+    # ending the stream, so it fails its own row only (see _not_text).
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def _not_text(value: Any, where: str = "") -> str | None:
+    """Where a value holds something that is not text: a byte that was not UTF-8, or a lone
+    surrogate (JSON allows the escape \\ud800; no UTF-8 file or Parquet column can hold it)."""
+    if isinstance(value, str):
+        for column, char in enumerate(value, start=1):
+            code = ord(char)
+            if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte that was not UTF-8
+                reason = f"byte 0x{code - 0xDC00:02X} at column {column} is not UTF-8; save the manifest as UTF-8"
+                return f"{where or '(line)'}: {reason}"
+            if 0xD800 <= code <= 0xDFFF:
+                reason = f"lone surrogate U+{code:04X} at column {column}; write the character itself"
+                return f"{where or '(line)'}: {reason}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _not_text(key, where) or _not_text(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := _not_text(item, f"{where}[{index}]"):
+                return found
+    return None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply (more than about 1000 levels); rows hold flat values") from None
+
+
 def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
-    # utf-8-sig drops a byte-order mark; newline=None accepts \n, \r\n and \r alike.
-    for number, line in enumerate(_lines(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=None)), start=1):
+    # newline=None accepts \n, \r\n and \r alike.
+    for number, line in enumerate(_lines(_text(stream, newline=None)), start=1):
         if line is None:
             yield number, _too_big(number)
             continue
         if not line.strip():
             continue
+        if bad := _not_text(line):
+            yield number, _row_error(number, bad)
+            continue
         try:
-            value = json.loads(line)
+            value = _parse_json(line)
         except json.JSONDecodeError as exc:
             yield number, RowError(number, None, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except ValueError as exc:
+            yield number, RowError(number, None, "(line)", str(exc))
             continue
         if not isinstance(value, dict):
             yield number, RowError(number, None, "(line)", 'a row must be a JSON object: {"id": ..., "image": ...}')
@@ -81,19 +123,24 @@ def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
         yield number, value
 
 
+def _row_error(number: int, problem: str) -> RowError:
+    field, _, reason = problem.partition(": ")
+    return RowError(number, None, field, reason)
+
+
 def _csv_cell(value: str | None) -> Any:
     if value is None or value == "":
         return None
     if value[:1] in "[{":  # lists (sigmas) and objects (tags) are written as JSON in a cell
         try:
-            return json.loads(value)
+            return _parse_json(value)
         except json.JSONDecodeError:
             return value
     return value
 
 
 def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    text = _text(stream, newline="")
     csv.field_size_limit(MAX_ROW_CHARS)
     reader = csv.DictReader(text)
     while True:
@@ -115,7 +162,14 @@ def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
                 RowError(number, record.get("id"), "(line)", "more cells than columns; quote cells with commas"),
             )
             continue
-        cells = {key: _csv_cell(value) for key, value in record.items()}
+        if bad := _not_text(record):
+            yield number, _row_error(number, bad)
+            continue
+        try:
+            cells = {key: _csv_cell(value) for key, value in record.items()}
+        except ValueError as exc:
+            yield number, RowError(number, record.get("id"), "(line)", str(exc))
+            continue
         yield number, {key: value for key, value in cells.items() if value is not None}
 
 
@@ -124,14 +178,20 @@ def _parquet(path: Path) -> Iterator[tuple[int, Raw]]:
 
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
-        for record in batch.to_pylist():
+        for index in range(batch.num_rows):
             number += 1
+            try:
+                (record,) = batch.slice(index, 1).to_pylist()
+            except UnicodeDecodeError as exc:  # a string column holding bytes that are not UTF-8
+                reason = f"byte 0x{exc.object[exc.start]:02X} is not UTF-8; write the column as UTF-8 strings"
+                yield number, RowError(number, None, "(row)", reason)
+                continue
             yield number, {key: value for key, value in record.items() if value is not None}
 
 
 def read_raw(uri: str) -> Iterator[tuple[int, Raw]]:
     """(row number, raw row or the reason it could not be parsed), streaming."""
-    suffix = Path(urlparse(uri).path).suffix.lower()
+    suffix = Path(split_s3(uri)[1] if uri.startswith("s3://") else uri).suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
         raise StorageError(f"manifest {uri}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
     with _binary(uri) as stream:
@@ -157,6 +217,8 @@ def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
     seen: set[str] = set()
     number = 0
     for number, raw in read_raw(uri):
+        if not isinstance(raw, RowError) and (bad := _not_text(raw)):
+            raw = _row_error(number, bad)
         if isinstance(raw, RowError):
             yield number, raw
             continue

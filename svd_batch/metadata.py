@@ -1,4 +1,4 @@
-"""The metadata dataset: Parquet part files committed as the job goes, and the resume index.
+"""The metadata dataset: Parquet part files committed as the job goes, and read robustly.
 
 Each run appends `part-<run_id>-<n>.parquet` files under the metadata prefix; a part is
 written whole (atomic rename / S3 put) or not at all, so a killed driver loses only the rows
@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from svd_batch.schema import RESULT_SCHEMA, ResultRow, Status
+from svd_batch.errors import first_line
+from svd_batch.schema import RESULT_SCHEMA, ResultRow
 from svd_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class MetadataWriter:
         Parts are committed every few seconds so a crash loses little; left alone, a long run
         would leave thousands of small files. Merging at the end keeps one file per run. A
         crash between writing the merged file and deleting the parts leaves rows twice, which
-        the resume index (a set of keys) and `latest()` both tolerate.
+        "latest per key" (ledger.py) tolerates.
         """
         self.flush(must=True)
         if self._parts < 2:
@@ -121,39 +122,18 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def read_table(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """Every part as one table of `columns`. A part that cannot be read (truncated, foreign,
+    deleted between listing and reading) is named in one warning and left out: its rows are
+    then simply not done, and the next run makes them again."""
     schema = pa.schema([RESULT_SCHEMA.field(c) for c in columns]) if columns else RESULT_SCHEMA
     tables = []
     for key in part_keys(storage):
-        part = pq.ParquetFile(io.BytesIO(storage.get_bytes(key)))
-        present = [c for c in schema.names if c in part.schema_arrow.names]
-        tables.append(_conform(part.read(columns=present), schema))
+        try:
+            part = pq.ParquetFile(io.BytesIO(storage.get_bytes(key)))
+            if not {"key", "status"} <= set(part.schema_arrow.names):
+                raise ValueError("no key and status columns: not an svd-batch metadata part")
+            present = [c for c in schema.names if c in part.schema_arrow.names]
+            tables.append(_conform(part.read(columns=present), schema))
+        except (OSError, ValueError, StorageError, pa.ArrowException) as exc:
+            log.warning("ignoring metadata part %s (%s); its rows count as not done", storage.uri(key), first_line(exc))
     return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def latest(table: pa.Table) -> pa.Table:
-    """One row per output key: the one from the newest run (run ids sort by start time)."""
-    frame = table.to_pandas().sort_values(["run_id"], kind="stable")
-    return pa.Table.from_pandas(frame.drop_duplicates("key", keep="last"), schema=table.schema, preserve_index=False)
-
-
-@dataclass(frozen=True)
-class ResumeIndex:
-    done: frozenset[str]  # keys with an ok video in storage
-    failed: frozenset[str]  # keys whose latest result is a final failure
-
-
-def resume_index(storage: Storage) -> ResumeIndex:
-    """Latest status per key, over every earlier run; only the columns it needs are read."""
-    table = read_table(storage, ["key", "status", "retryable"])
-    done: set[str] = set()
-    failed: set[str] = set()
-    columns = (table.column(c).to_pylist() for c in ("key", "status", "retryable"))
-    for key, status, retryable in zip(*columns, strict=True):
-        if status == Status.ok:
-            done.add(key)
-            failed.discard(key)
-        elif status == Status.failed and key not in done:
-            # A retryable failure (its worker died, it timed out, the job stalled) is queued
-            # again by the next plain run; a final one (bad input) waits for --retry-failed.
-            (failed.discard if retryable else failed.add)(key)
-    return ResumeIndex(frozenset(done), frozenset(failed))

@@ -9,7 +9,6 @@ rows mostly share, are validated and serialised once.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import itertools
@@ -17,22 +16,28 @@ import json
 import posixpath
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from svd_batch.inputs import InputError, InputPolicy, manifest_dir
+from svd_batch.ledger import Progress
 from svd_batch.schema import JobSpec, ManifestRow, RenderParams, WorkItem, explain
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SAFE_ID_LENGTH = 64
 
 
+MAX_SEED = 2**63 - 1  # seeds are int64 in the metadata
+
+
 def derive_seed(job_seed: int, row_id: str) -> int:
-    """A row's seed when it gives none: stable across runs, machines and row order."""
+    """A row's seed when it gives none: stable across runs, machines and row order. Below 2**62,
+    so seed + video index (at most 63) always stays a valid int64."""
     digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
 def safe_name(row_id: str) -> str:
@@ -57,6 +62,33 @@ class RowError(ValueError):
         super().__init__(f"row {line} (id {row_id!r}): {field}: {reason}")
 
 
+def stand_in(
+    job: str,
+    run_id: str,
+    key: str,
+    line: int,
+    row_id: str,
+    video_index: int = 0,
+    image: str = "",
+    seed: int | None = None,
+) -> WorkItem:
+    """A work item with only what a failed row needs, for a row that cannot be planned or that
+    no worker returned: its failure then has a row like any other (ResultRow.for_item)."""
+    return WorkItem.model_construct(
+        job=job,
+        run_id=run_id,
+        line=line,
+        id=row_id,
+        video_index=video_index,
+        key=key,
+        image=image,
+        seed=seed,
+        params=None,
+        tags=None,
+        kept={},
+    )
+
+
 def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -75,10 +107,9 @@ class Resolved:
     image: str
     seed: int
     params: RenderParams
-    params_record: dict[str, Any]
     tags: dict[str, Any]
 
-    def work_item(self) -> WorkItem:
+    def work_item(self, kept: dict[str, str] | None = None) -> WorkItem:
         return WorkItem(
             job=self.job,
             run_id=self.run_id,
@@ -90,41 +121,47 @@ class Resolved:
             seed=self.seed,
             params=self.params,
             tags=json.dumps(self.tags, sort_keys=True) if self.tags else None,
+            kept=kept or {},
         )
-
-    def record(self, status: str, error: str | None, ended_at: dt.datetime) -> dict[str, Any]:
-        """A skipped row (ResultRow's fields; the rest null) without building a model. The row
-        that made the video, in an earlier run, carries its outputs and tags."""
-        return {
-            "job": self.job,
-            "run_id": self.run_id,
-            "id": self.id,
-            "video_index": self.video_index,
-            "key": self.key,
-            "status": status,
-            "error": error,
-            "seed": self.seed,
-            "params": self.params_record,
-            "image": self.image,
-            "ended_at": ended_at,
-        }
 
 
 class Planner:
-    def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str) -> None:
+    """`weights`: the model's fingerprint (loader.fingerprint). Keys name the weights, not their
+    path: the same checkpoint moved keeps its videos, new weights at the same path do not."""
+
+    def __init__(self, spec: JobSpec, manifest_uri: str, run_id: str, weights: str) -> None:
         self.spec, self.run_id = spec, run_id
         self.base = spec.manifest_base or manifest_dir(manifest_uri)
         self.inputs = InputPolicy.for_spec(spec)
         self.defaults = spec.defaults.model_dump()
-        model = {"path": str(spec.model.path), "dtype": spec.model.dtype, "variant": spec.model.variant}
+        model = {"weights": weights, "dtype": spec.model.dtype, "variant": spec.model.variant}
         self.model_json = json.dumps(model, sort_keys=True)
 
+    def plan(
+        self, rows: Iterable[tuple[int, ManifestRow | RowError]], earlier: Progress, retry_failed: bool
+    ) -> Iterator[WorkItem | RowError | None]:
+        """Per output video of the manifest: its work item, the RowError of its row, or None
+        when an earlier run made it (or it failed for good and `retry_failed` is off)."""
+        for number, row in rows:
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                items = self.resolve(row, number)
+            except RowError as exc:
+                yield exc
+                continue
+            for item in items:
+                if item.key in earlier.done or (item.key in earlier.final and not retry_failed):
+                    yield None
+                else:
+                    yield item.work_item(earlier.kept.get(item.key))
+
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per job; the cache dies with it)
-    def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str, dict[str, Any]]:
+    def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str]:
         params = RenderParams.model_validate({**self.defaults, **dict(overrides)})
         if params.latents is not None:
             params = params.model_copy(update={"latents": join_uri(self.base, params.latents)})
-        return params, params.model_dump_json(), params.model_dump()
+        return params, params.model_dump_json()
 
     def resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         """The work items (one per output video) of a valid row, after the spec's sweep."""
@@ -141,7 +178,7 @@ class Planner:
     def _resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         overrides = tuple(sorted((k, _freeze(v)) for k, v in row.overrides().items()))
         try:
-            params, params_json, params_record = self._params(overrides)
+            params, params_json = self._params(overrides)
         except ValidationError as exc:
             field, reason = explain(exc, RenderParams)[0]
             raise RowError(line, row.id, field, reason) from None
@@ -153,6 +190,12 @@ class Planner:
             except InputError as exc:
                 raise RowError(line, row.id, field, str(exc)) from None
         seed = row.seed if row.seed is not None else derive_seed(self.spec.seed, row.id)
+        if seed + params.num_videos_per_prompt - 1 > MAX_SEED:
+            reason = (
+                f"seed {seed} + num_videos_per_prompt {params.num_videos_per_prompt} - 1 passes 2**63 - 1 "
+                f"(video v gets seed + v); use a seed up to {MAX_SEED - params.num_videos_per_prompt + 1}"
+            )
+            raise RowError(line, row.id, "seed", reason)
         shaping = "\x00".join((row.id, image, str(seed), params_json, self.model_json))
         stem = f"videos/{safe_name(row.id)}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"
         return [
@@ -167,7 +210,6 @@ class Planner:
                 image,
                 seed + v,
                 params,
-                params_record,
                 row.tags,
             )
             for v in range(params.num_videos_per_prompt)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 import tempfile
 from collections import Counter
 
@@ -17,31 +16,24 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from svd_batch.metadata import latest, read_table
-from svd_batch.storage import open_storage, read_uri
+from svd_batch.ledger import latest, run_history
+from svd_batch.metadata import read_table
+from svd_batch.schema import runs_location
+from svd_batch.storage import local_path, open_storage, read_uri
 
 TIMINGS = ("denoise_s", "decode_s", "encode_s", "upload_s")
 MAX_POSTERS = 500
-ROW_PREFIX = re.compile(r"^(row \d+ \(id .*?\)|key \S+): ")
 
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
-.counts td{font-size:20px;text-align:right}.ok{color:#186a3b}.failed{color:#a01818}.skipped{color:#666}
+.counts td{font-size:20px;text-align:right}.ok{color:#186a3b}.failed{color:#a01818}
 .plots{display:flex;flex-wrap:wrap;gap:16px}.sheet{display:flex;flex-wrap:wrap;gap:8px}
 .sheet a{display:block;width:136px;font-size:11px;text-decoration:none;color:#333;word-break:break-all}
 .sheet img{display:block;width:128px;height:auto;border:1px solid #bbb;background:#000}
 details{margin:4px 0}code{font-size:12px}
 """
-
-
-def error_kind(error: str) -> str:
-    """What went wrong, without the row: 'image: ImageError', 'motion_bucket: unknown field'."""
-    text = ROW_PREFIX.sub("", error or "").split(";")[0]
-    parts = [p.strip() for p in text.split(":")]
-    kind = ": ".join(parts[:2]) if len(parts) > 1 else parts[0]
-    return re.sub(r"\d+", "N", kind)[:80]
 
 
 def histogram_svg(values: np.ndarray, title: str, bins: int = 20, width: int = 320, height: int = 140) -> str:
@@ -76,7 +68,7 @@ def poster(row: pd.Series) -> str | None:
         if isinstance(uri, str):
             with tempfile.NamedTemporaryFile(suffix=f".{fmt}") as local:
                 # ffmpeg reads files, not buffers; videos in object storage are fetched first
-                local.write(read_uri(uri.removeprefix("file://")))
+                local.write(read_uri(uri))
                 local.flush()
                 frame = imageio.get_reader(local.name).get_data(0)
             break
@@ -84,7 +76,7 @@ def poster(row: pd.Series) -> str | None:
         uri = row.get("png_uri")
         if not isinstance(uri, str):
             return None
-        frame = np.asarray(Image.open(io.BytesIO(read_uri(uri.removeprefix("file://") + "00000.png"))))
+        frame = np.asarray(Image.open(io.BytesIO(read_uri(uri + "00000.png"))))
     image = Image.fromarray(np.asarray(frame)[..., :3]).convert("RGB")
     image.thumbnail((128, 128))
     buffer = io.BytesIO()
@@ -100,6 +92,21 @@ def _video_link(row: pd.Series) -> str:
     return "#"
 
 
+def _runs_table(metadata_uri: str) -> str:
+    runs = run_history(open_storage(runs_location(metadata_uri)))
+    if not runs:
+        return "<p>no run records</p>"
+    head = ("run", "state", "exit", "ok", "failed", "skipped", "left", "started (UTC)", "took")
+    rows = []
+    for run in reversed(runs):
+        took = f"{(run.ended_at - run.started_at).total_seconds():.0f} s" if run.ended_at else "-"
+        cells = (run.run_id, run.state, "-" if run.exit_code is None else str(run.exit_code))
+        cells += tuple(str(run.counts.get(name, 0)) for name in ("ok", "failed", "skipped", "left"))
+        cells += (f"{run.started_at:%Y-%m-%d %H:%M:%S}", took)
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return "<table class='runs'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+
+
 def build(metadata_uri: str, title: str | None = None) -> str:
     table = latest(read_table(open_storage(metadata_uri))).to_pandas()
     counts = Counter(table.status)
@@ -107,20 +114,25 @@ def build(metadata_uri: str, title: str | None = None) -> str:
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)} report</title>",
         f"<style>{STYLE}</style></head><body><h1>{html.escape(name)}</h1>",
-        f"<p>{len(table)} outputs in {html.escape(metadata_uri)}; runs: {table.run_id.nunique()}</p>",
+        f"<p>{len(table)} outputs in {html.escape(metadata_uri)}; the latest result of each</p>",
         "<table class='counts'><tr>"
-        + "".join(f"<th class='{s}'>{s}</th>" for s in ("ok", "failed", "skipped"))
+        + "".join(f"<th class='{s}'>{s}</th>" for s in ("ok", "failed"))
         + "</tr><tr>"
-        + "".join(f"<td class='{s}'>{counts.get(s, 0)}</td>" for s in ("ok", "failed", "skipped"))
+        + "".join(f"<td class='{s}'>{counts.get(s, 0)}</td>" for s in ("ok", "failed"))
         + "</tr></table>",
+        "<h2>Runs</h2>",
+        _runs_table(metadata_uri),
     ]
     failed = table[table.status == "failed"]
     parts.append(f"<h2>Failures ({len(failed)})</h2>")
     if len(failed):
-        kinds = failed.assign(kind=failed.error.map(error_kind)).groupby("kind")
-        for kind, rows in sorted(kinds, key=lambda item: -len(item[1])):
+        # Rows of versions before failure classes carry no stage or type.
+        retry = failed.retryable.map({True: " (retryable)"}).fillna("")
+        kind = failed.error_stage.fillna("unclassified") + ": " + failed.error_type.fillna("error") + retry
+        for label, rows in sorted(failed.groupby(kind), key=lambda item: -len(item[1])):
             items = "".join(f"<li><code>{html.escape(str(e))}</code></li>" for e in rows.error.head(200))
-            parts.append(f"<details><summary>{html.escape(kind)}: {len(rows)} rows</summary><ul>{items}</ul></details>")
+            summary = f"<summary>{html.escape(label)}: {len(rows)} rows</summary>"
+            parts.append(f"<details>{summary}<ul>{items}</ul></details>")
     else:
         parts.append("<p>none</p>")
     ok = table[table.status == "ok"]
@@ -138,6 +150,8 @@ def build(metadata_uri: str, title: str | None = None) -> str:
 
 
 def write(metadata_uri: str, destination: str, title: str | None = None) -> str:
+    """Write the page; returns where, as a path for a local file (what a user can paste)."""
     page = build(metadata_uri, title).encode()
     directory, _, name = destination.rpartition("/")
-    return open_storage(directory or ".").put_bytes(page, name)
+    written = open_storage(directory or ".").put_bytes(page, name)
+    return written if written.startswith("s3://") else str(local_path(written))

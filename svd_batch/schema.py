@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import posixpath
 import types
 import typing
 from enum import Enum, StrEnum
@@ -186,24 +187,52 @@ class JobSpec(Strict):
     # Dataset synthesis: every row becomes one row per combination of these values.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
+    # One run holds an output at a time; a holder silent for this long is taken over (ledger.py).
+    lease_ttl_s: Annotated[float, Field(ge=10)] = 120.0
+
     @field_validator("sweep")
     @classmethod
     def _sweepable(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        checked = {}
         for name, values in sweep.items():
             if name != "seed" and name not in RenderParams.model_fields:
                 raise ValueError(f"sweep key '{name}' is not a render parameter{did_you_mean(name, RenderParams)}")
             if not values:
                 raise ValueError(f"sweep key '{name}' needs at least one value")
-        return sweep
+            checked[name] = [_as_row_value(name, i, value) for i, value in enumerate(values)]
+        return checked
 
     @property
     def metadata_uri(self) -> str:
         return self.metadata or metadata_location(self.output)
 
+    @property
+    def runs_uri(self) -> str:
+        return runs_location(self.metadata_uri)
+
+
+def _as_row_value(name: str, index: int, value: Any) -> Any:
+    """A sweep value, checked exactly as the same value in a manifest row would be."""
+    try:
+        row = ManifestRow.model_validate({"id": "sweep", "image": "sweep", name: value})
+    except ValidationError as exc:
+        raise ValueError(f"sweep.{name}[{index}]: {explain(exc, ManifestRow)[0][1]}") from None
+    return getattr(row, name)
+
 
 def metadata_location(output: str) -> str:
     """Where a job's metadata goes unless its spec says otherwise."""
     return output.rstrip("/") + "/metadata"
+
+
+def runs_location(metadata_uri: str) -> str:
+    """Where the run records go: `runs/` beside the metadata folder (not in it, so the folder
+    stays one Parquet dataset for pyarrow, pandas and duckdb)."""
+    if metadata_uri.startswith("s3://"):
+        bucket, _, key = metadata_uri.removeprefix("s3://").rstrip("/").partition("/")
+        parent = posixpath.dirname(key)
+        return f"s3://{bucket}/{parent}/runs" if parent else f"s3://{bucket}/runs"
+    return posixpath.join(posixpath.dirname(metadata_uri.rstrip("/")), "runs")
 
 
 class WorkItem(BaseModel):
@@ -219,12 +248,28 @@ class WorkItem(BaseModel):
     seed: int
     params: RenderParams
     tags: str | None = None
+    # URIs of the formats an earlier run already made (`mp4_uri` -> ...): only the others are written.
+    kept: dict[str, str] = Field(default_factory=dict)
 
 
 class Status(StrEnum):
+    """What a run produced for a key. Rows it did not touch (done earlier, or left by a stop)
+    are counted in the run's record, never written as rows."""
+
     ok = "ok"
     failed = "failed"
-    skipped = "skipped"
+
+
+class Stage(StrEnum):
+    """Where a row failed: the `error_stage` column."""
+
+    manifest = "manifest"  # the row itself is invalid (parsing, fields, references)
+    params = "params"  # its parameters do not fit the model
+    image = "image"
+    latents = "latents"
+    render = "render"
+    output = "output"  # encoding or upload
+    worker = "worker"  # its worker died, timed out or never got to it
 
 
 class ResultRow(BaseModel):
@@ -238,9 +283,11 @@ class ResultRow(BaseModel):
     video_index: int
     key: str  # deterministic output key (without extension); the resume index
     status: Status
-    error: str | None = None
-    # A failure for the worker's sake (it died, or the row outlived its timeout, or the job
-    # stalled), not the row's: the next plain run renders it again.
+    error: str | None = None  # one line: row, field, reason and the fix
+    error_stage: Stage | None = None
+    error_type: str | None = None  # e.g. ImageError, StorageError, WorkerDied, RowTimeout, Stalled
+    # A failure of the moment (worker death, stall, timeout, storage, memory), not of the row:
+    # the next plain run renders it again. Final failures wait for --retry-failed.
     retryable: bool | None = None
     mp4_uri: str | None = None
     gif_uri: str | None = None
@@ -274,21 +321,53 @@ class ResultRow(BaseModel):
 
     @classmethod
     def for_item(cls, item: WorkItem, status: Status, **fields: Any) -> ResultRow:
-        # Every value comes from a validated work item; skipping validation keeps planning
-        # (which writes a row for each of millions of skipped items) fast.
-        return cls.model_construct(
-            job=item.job,
-            run_id=item.run_id,
-            id=item.id,
-            video_index=item.video_index,
-            key=item.key,
-            status=status,
-            seed=item.seed,
-            params=item.params,
-            image=item.image,
-            tags=item.tags,
-            **fields,
-        )
+        """The one factory of result rows. Every value comes from a validated work item (or
+        the driver's own accounting), so validation is skipped."""
+        base = {
+            "job": item.job,
+            "run_id": item.run_id,
+            "id": item.id,
+            "video_index": item.video_index,
+            "key": item.key,
+            "seed": item.seed,
+            "params": item.params,
+            "image": item.image,
+            "tags": item.tags,
+        }
+        return cls.model_construct(**base, status=status, **fields)
+
+
+class RunRecord(BaseModel):
+    """`runs/<run_id>.json` beside the metadata: one per run, what it was and what it did."""
+
+    job: str
+    run_id: str
+    state: Literal["running", "finished", "stopped", "failed"]
+    exit_code: int | None = None
+    spec_sha256: str  # of the spec as the run read it (paths resolved)
+    model_fingerprint: str
+    versions: dict[str, str]
+    host: str
+    pid: int
+    # ok / failed: rows this run produced; skipped: done (or failed for good) before it;
+    # left: queued but not started when a deadline or signal stopped it.
+    counts: dict[str, int] = Field(default_factory=dict)
+    started_at: dt.datetime
+    ended_at: dt.datetime | None = None
+    stopped: str | None = None
+    stalled: str | None = None
+
+
+class LeaseRecord(BaseModel):
+    """`_lease/<generation>.json` under the metadata prefix: which run holds the output."""
+
+    run_id: str
+    host: str
+    pid: int
+    ttl_s: float
+    acquired_at: dt.datetime
+    heartbeat_at: dt.datetime
+    released: bool = False
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from svd_batch.errors import first_line
 
@@ -32,13 +32,43 @@ FILE_MODE = 0o666 & ~_read_umask()
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed after its retries; the message names the URI."""
+    """A storage operation failed after its retries; the message names the URI.
+
+    `retryable`: whether the same call could succeed later (a server down, throttling), as
+    opposed to an answer that will not change (no such object, access denied)."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _http_status(exc: BaseException | None) -> int:
+    """The HTTP status S3 answered, also through boto3's transfer manager, which wraps the
+    ClientError that carries it (S3UploadFailedError); 0 if there was no answer."""
+    while exc is not None:
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status:
+            return int(status)
+        exc = exc.__cause__ or exc.__context__
+    return 0
+
+
+def _s3_error(message: str, exc: BaseException) -> StorageError:
+    status = _http_status(exc)
+    # A 4xx answer (other than throttling) is final; no answer at all, or a 5xx, may pass.
+    return StorageError(f"{message}: {first_line(exc)}", retryable=not 400 <= status < 500 or status == 429)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`. Not urlparse: `#` and `?` are part of an S3 key."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
 
 
 def _safe_key(key: str) -> str:
     path = PurePosixPath(key)
     if not key or "\x00" in key or path.is_absolute() or ".." in path.parts:
-        raise StorageError(f"refusing key {key!r}: keys must stay inside the output prefix")
+        raise StorageError(f"refusing key {key!r}: keys must stay inside the output prefix", retryable=False)
     return str(path)
 
 
@@ -74,26 +104,38 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / _safe_key(key)
 
-    def _atomic(self, key: str, write: callable) -> str:  # type: ignore[valid-type]
+    def _atomic(self, key: str, data: bytes, exclusive: bool = False) -> bool:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename: readers see the whole file or nothing.
+        # Write beside the target, then rename (or, exclusive, link(2), which fails if the
+        # target exists): readers see the whole file or nothing.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
         try:
             os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp, target)
-        except BaseException:
+                handle.write(data)
+            if not exclusive:
+                os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            return True
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.uri(key)
 
     def put_file(self, local: Path, key: str) -> str:
-        return self._atomic(key, lambda handle: handle.write(local.read_bytes()))
+        self._atomic(key, local.read_bytes())
+        return self.uri(key)
 
     def put_bytes(self, data: bytes, key: str) -> str:
-        return self._atomic(key, lambda handle: handle.write(data))
+        self._atomic(key, data)
+        return self.uri(key)
+
+    def create(self, data: bytes, key: str) -> bool:
+        """Write `key` only if it does not exist yet (False if it does), whole or not at all."""
+        return self._atomic(key, data, exclusive=True)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -132,15 +174,25 @@ class S3Storage:
             # once it is complete, so no half-written video is ever visible under its key.
             _s3_client().upload_file(str(local), self.bucket, self._key(key), Config=_transfer_config())
         except Exception as exc:
-            raise StorageError(f"upload to {self.uri(key)} failed: {first_line(exc)}") from exc
+            raise _s3_error(f"upload to {self.uri(key)} failed", exc) from exc
         return self.uri(key)
 
     def put_bytes(self, data: bytes, key: str) -> str:
         try:
             _s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except Exception as exc:
-            raise StorageError(f"upload to {self.uri(key)} failed: {first_line(exc)}") from exc
+            raise _s3_error(f"upload to {self.uri(key)} failed", exc) from exc
         return self.uri(key)
+
+    def create(self, data: bytes, key: str) -> bool:
+        """Write `key` only if it does not exist yet (False if it does): S3's conditional PUT."""
+        try:
+            _s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except Exception as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                return False
+            raise _s3_error(f"upload to {self.uri(key)} failed", exc) from exc
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         return read_uri(self.uri(key))
@@ -153,11 +205,14 @@ class S3Storage:
             for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         except Exception as exc:
-            raise StorageError(f"listing s3://{self.bucket}/{full} failed: {first_line(exc)}") from exc
+            raise _s3_error(f"listing s3://{self.bucket}/{full} failed", exc) from exc
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        _s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
+        try:
+            _s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise _s3_error(f"deleting {self.uri(key)} failed", exc) from exc
 
     def check(self) -> None:
         try:
@@ -174,22 +229,24 @@ Storage = LocalStorage | S3Storage
 
 def open_storage(uri: str, base: Path | None = None) -> Storage:
     """`s3://bucket/prefix`, `file:///abs/dir`, or a plain path (relative to `base`)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"))
+    if uri.startswith("s3://"):
+        bucket, prefix = split_s3(uri)
+        if not bucket:
+            raise StorageError(f"{uri!r} names no bucket; write s3://BUCKET/PREFIX", retryable=False)
+        return S3Storage(bucket, prefix.strip("/"))
     return LocalStorage(local_path(uri, base))
 
 
 def local_path(uri: str, base: Path | None = None) -> Path:
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        path = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
-    elif parsed.scheme in ("",) or len(parsed.scheme) == 1:  # plain path (or a Windows drive)
+    """A plain path, or a `file://` URI: `file:///abs` as written by Path.as_uri (percent-encoded),
+    `file://rel/dir` relative to `base` like a bare relative path."""
+    if uri.startswith("file://"):
+        path = Path(unquote(uri.removeprefix("file://")))
+    elif "://" not in uri:
         path = Path(uri)
     else:
-        raise StorageError(f"{uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3://")
+        scheme = urlparse(uri).scheme
+        raise StorageError(f"{uri!r}: unsupported scheme {scheme!r}; use a path, file:// or s3://", retryable=False)
     if not path.is_absolute() and base is not None:
         path = base / path
     return path.expanduser().resolve()
@@ -197,25 +254,25 @@ def local_path(uri: str, base: Path | None = None) -> Path:
 
 def s3_body(uri: str):  # type: ignore[no-untyped-def]
     """The streaming body of an `s3://` object; errors name the URI and why."""
-    parsed = urlparse(uri)
+    bucket, key = split_s3(uri)
     try:
-        return _s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     except Exception as exc:
-        raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
+        raise _s3_error(f"cannot read {uri}", exc) from exc
 
 
 def s3_size(uri: str) -> int:
     """An object's size in bytes, from HEAD: nothing of it is read."""
-    parsed = urlparse(uri)
+    bucket, key = split_s3(uri)
     try:
-        return _s3_client().head_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["ContentLength"]
+        return _s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
     except Exception as exc:
-        raise StorageError(f"cannot read {uri}: {first_line(exc)}") from exc
+        raise _s3_error(f"cannot read {uri}", exc) from exc
 
 
 def read_uri(uri: str, base: Path | None = None) -> bytes:
     """Bytes of a local path or `s3://` object; errors say which and why."""
-    if urlparse(uri).scheme == "s3":
+    if uri.startswith("s3://"):
         return s3_body(uri).read()
     path = local_path(uri, base)
     try:
@@ -227,9 +284,11 @@ def read_uri(uri: str, base: Path | None = None) -> bytes:
 def read_error(path: Path, exc: OSError) -> StorageError:
     """Why a local file could not be read, and the fix."""
     if isinstance(exc, FileNotFoundError):
-        return StorageError(f"{path} does not exist; fix the path (relative paths resolve against the manifest)")
-    if isinstance(exc, PermissionError):
-        return StorageError(f"{path} is not readable (permission denied); fix its permissions")
-    if isinstance(exc, IsADirectoryError):
-        return StorageError(f"{path} is a directory, not a file")
-    return StorageError(f"{path} cannot be read ({first_line(exc)})")
+        reason = "does not exist; fix the path (relative paths resolve against the manifest)"
+    elif isinstance(exc, PermissionError):
+        reason = "is not readable (permission denied); fix its permissions"
+    elif isinstance(exc, IsADirectoryError):
+        reason = "is a directory, not a file"
+    else:  # an I/O error of the filesystem (a network mount gone away) may pass
+        return StorageError(f"{path} cannot be read ({first_line(exc)})")
+    return StorageError(f"{path} {reason}", retryable=False)

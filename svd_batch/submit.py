@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 
 from svd_batch import WORKER_ENV
-from svd_batch.storage import local_path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -33,23 +32,19 @@ def client(address: str | None):  # type: ignore[no-untyped-def]
 
 
 def package(spec_path: Path, into: Path) -> None:
-    """Copy the spec, and a local manifest, into a folder the Jobs API uploads."""
-    raw = yaml.safe_load(spec_path.read_text())
-    base = spec_path.resolve().parent
-    manifest = str(raw.get("manifest", ""))
-    if manifest and "://" not in manifest:
-        source = local_path(manifest, base)
+    """Copy the spec, every path in it made absolute, and a local manifest, into a folder the
+    Jobs API uploads: relative paths would resolve against Ray's temporary working dir."""
+    from svd_batch.driver import load_spec
+
+    spec = load_spec(spec_path)
+    update: dict[str, str] = {}
+    if not spec.manifest.startswith("s3://"):
+        source = Path(spec.manifest)
         shutil.copy2(source, into / source.name)
-        raw["manifest"] = source.name
         # Its rows' relative paths still mean the folder it came from (a shared filesystem).
-        raw.setdefault("manifest_base", str(source.parent))
-    for key in ("output", "metadata"):
-        value = raw.get(key)
-        if value and "://" not in str(value):
-            raw[key] = str(local_path(str(value), base))
-    if isinstance(raw.get("model"), dict) and "path" in raw["model"]:
-        raw["model"]["path"] = str(local_path(str(raw["model"]["path"]), base))
-    (into / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        update = {"manifest": source.name, "manifest_base": spec.manifest_base or str(source.parent)}
+    shipped = spec.model_copy(update=update).model_dump(mode="json", exclude_defaults=True)
+    (into / "job.yaml").write_text(yaml.safe_dump(shipped, sort_keys=False))
 
 
 def submit(spec_path: Path, address: str | None, run_args: list[str], wait_s: float = 120.0) -> str:

@@ -29,10 +29,10 @@ from svd_batch.control import History, JobControl
 from svd_batch.encode import encode
 from svd_batch.engine.loader import load_pipeline
 from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, VideoRequest
-from svd_batch.errors import first_line
+from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
 from svd_batch.inputs import InputPolicy
-from svd_batch.schema import RESULT_SCHEMA, JobSpec, ResultRow, Status, WorkItem
+from svd_batch.schema import RESULT_SCHEMA, Format, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import open_storage
 
 
@@ -67,7 +67,7 @@ class RowWorker:
         ready = [p for p in prepared if p.request is not None]
         for p, video in zip(ready, self._render([p.request for p in ready]), strict=True):
             if isinstance(video, Exception):
-                self._fail(p, "render", video)
+                self._fail(p, Stage.render, video)
             else:
                 self._write(p, video)
         return [p.row for p in prepared]
@@ -88,19 +88,19 @@ class RowWorker:
         if not self._loads_reported:
             # The model load belongs to the first row this worker makes, not to every row.
             row.load_s, row.load_peak_rss_mb, self._loads_reported = self.load_s, self.load_peak_rss_mb, True
-        prepared, field = _Prepared(item, row), "params"
+        prepared, stage = _Prepared(item, row), Stage.params
         try:
             params = row.params = self.renderer.resolve(item.params)
-            field = "image"
+            stage = Stage.image
             image = load_image(self.inputs.read(item.image), params.width, params.height, params.fit)
             row.input_width, row.input_height, row.input_sha256 = image.width, image.height, image.sha256
-            field = "latents"
+            stage = Stage.latents
             latents = None
             if params.latents is not None:
                 latents = np.load(io.BytesIO(self.inputs.read(params.latents)), allow_pickle=False)
             prepared.request = VideoRequest(image.image, params, item.seed, latents)
         except Exception as exc:
-            self._fail(prepared, field, exc)
+            self._fail(prepared, stage, exc)
         return prepared
 
     def _render(self, requests: list[VideoRequest]) -> list[RenderedVideo | Exception]:
@@ -143,23 +143,42 @@ class RowWorker:
             row.params = row.params.model_copy(update={"decode_chunk_size": video.decode_chunk_size})
             video.recovery.append(f"out of memory in decode; decode_chunk_size {planned} -> {video.decode_chunk_size}")
         row.recovery = "; ".join(video.recovery) or None
+        for column, uri in p.item.kept.items():  # made by an earlier run: kept, not written again
+            setattr(row, column, uri)
+        missing = [fmt for fmt in self.spec.formats if f"{fmt}_uri" not in p.item.kept]
+        uploaded: list[str] = []
         try:
             with tempfile.TemporaryDirectory(prefix="svd-batch-") as tmp:
                 started = time.perf_counter()
                 written = {
-                    fmt: encode(video.frames, fmt, p.item.params.export_fps, Path(tmp), "video")
-                    for fmt in self.spec.formats
+                    fmt: encode(video.frames, fmt, p.item.params.export_fps, Path(tmp), "video") for fmt in missing
                 }
                 row.encode_s = time.perf_counter() - started
                 started = time.perf_counter()
                 for fmt, files in written.items():
-                    uris = [self.storage.put_file(f, self._key(p.item.key, fmt, f)) for f in files]
-                    setattr(row, f"{fmt}_uri", uris[0] if len(uris) == 1 else uris[0].rsplit("/", 1)[0] + "/")
+                    keys = [self._key(p.item.key, fmt, f) for f in files]
+                    for file, key in zip(files, keys, strict=True):
+                        self.storage.put_file(file, key)
+                        uploaded.append(key)
+                    uri = self.storage.uri(keys[0])
+                    setattr(row, f"{fmt}_uri", uri if fmt != "png" else uri.rsplit("/", 1)[0] + "/")
                 row.upload_s = time.perf_counter() - started
         except Exception as exc:
-            self._fail(p, "output", exc)
+            self._fail(p, Stage.output, exc)
+            self._discard(row, uploaded)
             return
         row.status, row.error, row.ended_at = Status.ok, None, _now()
+
+    def _discard(self, row: ResultRow, uploaded: list[str]) -> None:
+        """A failed row points at nothing: what it uploaded is deleted, and no URI is kept (a kept
+        format's object stays, for the next run to keep again)."""
+        for column in (f"{fmt}_uri" for fmt in Format):
+            setattr(row, column, None)
+        for key in uploaded:
+            try:
+                self.storage.delete(key)
+            except Exception as exc:  # the row fails anyway; say what stays behind
+                row.error += f"; {self.storage.uri(key)} could not be deleted ({first_line(exc)})"
 
     @staticmethod
     def _key(stem: str, fmt: str, file: Path) -> str:
@@ -167,12 +186,14 @@ class RowWorker:
             return f"{stem}.frames/{file.name}"
         return f"{stem}{file.suffix}"
 
-    def refuse(self, item: WorkItem, stage: str, reason: str, attempt: int) -> ResultRow:
+    def refuse(self, item: WorkItem, kind: str, reason: str, attempt: int) -> ResultRow:
         """A failed row for an item not rendered again: retryable, as it failed for its worker."""
         return ResultRow.for_item(
             item,
             Status.failed,
-            error=f"row {item.line} (id {item.id!r}): {stage}: {reason}",
+            error=f"row {item.line} (id {item.id!r}): {Stage.worker}: {kind}: {reason}",
+            error_stage=Stage.worker,
+            error_type=kind,
             retryable=True,
             node=self.node,
             worker=self.worker_id,
@@ -181,10 +202,12 @@ class RowWorker:
         )
 
     @staticmethod
-    def _fail(p: _Prepared, stage: str, exc: BaseException) -> None:
+    def _fail(p: _Prepared, stage: Stage, exc: BaseException) -> None:
         # The same shape as the driver's RowError: row number, id, where it failed, why and the fix.
-        error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {first_line(exc, with_type=True)}"
-        p.row.status, p.row.error, p.row.ended_at = Status.failed, error, _now()
+        row = p.row
+        row.error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {first_line(exc, with_type=True)}"
+        row.status, row.error_stage, row.error_type, row.ended_at = Status.failed, stage, type(exc).__name__, _now()
+        row.retryable = is_retryable(exc)
 
 
 def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
@@ -242,7 +265,7 @@ class RayWorker:
                 continue
             refusal = self._refusal(past)
             if refusal:
-                rows.append(self.worker.refuse(item, "render", refusal, attempt=past.deaths + int(past.timed_out)))
+                rows.append(self.worker.refuse(item, *refusal, attempt=past.deaths + int(past.timed_out)))
                 continue
             answer = self._tell(control, "begin", os.getpid(), [item.key])
             if answer is not None and answer[0]:
@@ -256,16 +279,17 @@ class RayWorker:
             rows.append(row)
         return rows
 
-    def _refusal(self, past: History) -> str | None:
+    def _refusal(self, past: History) -> tuple[str, str] | None:
+        """(error type, reason) when the row is not to be tried again in this run."""
         workers = self.spec.workers
         if past.timed_out:
-            return (
-                f"RowTimeout: took longer than workers.row_timeout_s ({workers.row_timeout_s:g} s), so its worker "
+            return "RowTimeout", (
+                f"took longer than workers.row_timeout_s ({workers.row_timeout_s:g} s), so its worker "
                 "was restarted; the next run tries it again (raise row_timeout_s if such rows need longer)"
             )
         if past.deaths >= workers.max_attempts:
-            return (
-                f"WorkerDied: its worker died {past.deaths} times while rendering it (workers.max_attempts "
+            return "WorkerDied", (
+                f"its worker died {past.deaths} times while rendering it (workers.max_attempts "
                 f"{workers.max_attempts}), the last times alone; check its image and parameters. The next run "
                 "tries it again"
             )

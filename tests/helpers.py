@@ -29,7 +29,9 @@ import yaml
 from PIL import Image
 
 from svd_batch.driver import Job, load_spec
+from svd_batch.ledger import latest, run_history
 from svd_batch.metadata import read_table
+from svd_batch.schema import RunRecord
 from svd_batch.storage import open_storage
 
 T = TypeVar("T")
@@ -115,6 +117,16 @@ def videos_match_metadata(spec_path: Path) -> bool:
     ok = {uri.removeprefix("file://") for uri in df[df.status == "ok"].mp4_uri}
     folder = Path(load_spec(spec_path).output) / "videos"
     return ok == {str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")}
+
+
+def latest_results(spec_path: Path) -> pd.DataFrame:
+    """One row per key, the newest produced: what status, report and resume all go by."""
+    spec = load_spec(spec_path)
+    return latest(read_table(open_storage(spec.metadata_uri))).to_pandas()
+
+
+def run_records(spec_path: Path) -> list[RunRecord]:
+    return run_history(open_storage(load_spec(spec_path).runs_uri))
 
 
 def run_job(spec_path: Path, **kwargs: object) -> Counter[str]:
@@ -223,6 +235,10 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>proxy</RequestId></Error>"
 )
+ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message><RequestId>proxy</RequestId></Error>"
+)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
@@ -242,6 +258,10 @@ class FaultyS3:
         self.throttled = 0
         self.attempts: list[str] = []  # botocore's amz-sdk-request header: "attempt=2; max=8"
         self.puts: list[str] = []  # paths of successful PUTs
+        self.refuse_puts = ""  # PUTs of paths ending so are answered 403 AccessDenied
+        self.hold_puts = ""  # PUTs of paths ending so hang until `release` is set, then get a 503
+        self.held: list[str] = []
+        self.release = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.start()
@@ -293,6 +313,14 @@ class FaultyS3:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.attempts.append(self.headers.get("amz-sdk-request", ""))
                 if proxy._throttle():
+                    self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+                    return
+                if proxy.refuse_puts and self.command == "PUT" and self.path.endswith(proxy.refuse_puts):
+                    self._answer(403, [("Content-Type", "application/xml")], ACCESS_DENIED)
+                    return
+                if proxy.hold_puts and self.command == "PUT" and self.path.endswith(proxy.hold_puts):
+                    proxy.held.append(self.path)
+                    proxy.release.wait()
                     self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import boto3
 import pandas as pd
 import pytest
 
+from svd_batch.ledger import run_history
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
@@ -24,6 +26,7 @@ def proxy(s3_server: str) -> Iterator[FaultyS3]:
     faulty = FaultyS3(s3_server)
     yield faulty
     faulty.slowdown_every = 0
+    faulty.release.set()
 
 
 def _bucket(s3_server: str) -> str:
@@ -117,13 +120,16 @@ def test_s3_stopped_mid_job_fails_rows_that_a_rerun_makes(
     failed = first[first.status == "failed"]
     assert len(failed) >= 1 and (first.status == "ok").sum() >= 1
     assert failed.error.str.contains("output: StorageError: upload to s3://").all(), failed.error.tolist()
+    # A storage outage is the moment's failure, not the row's: the next plain run makes them.
+    assert (failed.error_stage == "output").all() and (failed.error_type == "StorageError").all()
+    assert failed.retryable.all() and failed.mp4_uri.isna().all()
     assert set(first[first.status == "ok"].mp4_uri) == _videos_in(s3_server, bucket)
 
-    job = _run(spec, proxy, "--retry-failed")
+    job = _run(spec, proxy)
     _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-2000:]
     final = _latest(str(tmp_path / "meta"))
-    assert len(final) == len(rows) and (final.status.isin(["ok", "skipped"])).all()
+    assert len(final) == len(rows) and (final.status == "ok").all()
     made = read_table(open_storage(str(tmp_path / "meta"))).to_pandas()
     assert sorted(made[made.status == "ok"].id) == sorted(r["id"] for r in rows)  # each row made exactly once
     assert set(made[made.status == "ok"].mp4_uri) == _videos_in(s3_server, bucket)
@@ -162,3 +168,68 @@ def test_a_job_spec_cannot_run_code(tmp_path: Path, tiny_model: Path) -> None:
     done = cli("validate", str(spec))
     assert done.returncode == 2 and "not valid YAML" in done.stderr and "python/object/apply" in done.stderr
     assert not marker.exists()
+
+
+def test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video(
+    tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
+) -> None:
+    bucket = _bucket(s3_server)
+    spec = write_job(
+        tmp_path,
+        rows_and_images(tmp_path, 1),
+        tiny_model,
+        output=f"s3://{bucket}/out",
+        metadata=str(tmp_path / "meta"),
+        formats=["mp4", "gif"],
+    )
+    proxy.refuse_puts = ".gif"  # the mp4 goes up, then S3 refuses the gif
+    job = _run(spec, proxy, attempts=2)
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 1, err[-2000:]
+    row = _latest(str(tmp_path / "meta")).iloc[0]
+    assert row.status == "failed" and row.error_stage == "output" and row.error_type == "StorageError"
+    assert "AccessDenied" in row.error and not row.retryable  # a 403 will not pass by itself
+    assert row.mp4_uri is None and row.gif_uri is None
+    assert any(p.endswith(".mp4") for p in proxy.puts)  # it was uploaded, and then deleted:
+    assert _videos_in(s3_server, bucket) == set()
+
+
+def test_a_driver_killed_during_its_final_compaction_is_resumed_by_rerunning(
+    tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
+) -> None:
+    bucket = _bucket(s3_server)
+    rows = rows_and_images(tmp_path, 3)
+    spec = write_job(
+        tmp_path,
+        rows,
+        tiny_model,
+        metadata=f"s3://{bucket}/meta",
+        lease_ttl_s=10,
+        workers={"count": 1, "batch_size": 1},
+    )
+    proxy.hold_puts = "-all.parquet"  # the merged file of the run's parts never lands
+    job = _run(spec, proxy)
+    wait_until(lambda: proxy.held, "the final compaction's upload", timeout=600)
+    job.kill()  # kill -9, mid-compaction: its parts are committed, its lease is left behind
+    job.communicate(timeout=60)
+    proxy.release.set()
+    meta = S3Storage(bucket, "meta")
+    assert meta.list("_lease") and any(k.startswith("part-") for k in meta.list())
+
+    def lease_is_stale() -> bool:
+        (key,) = meta.list("_lease")
+        heartbeat = pd.Timestamp(json.loads(meta.get_bytes(key))["heartbeat_at"])
+        return (pd.Timestamp.now(tz="UTC") - heartbeat).total_seconds() > 10
+
+    wait_until(lease_is_stale, "the killed run's lease to outlive its TTL", timeout=120)
+    proxy.hold_puts = ""
+    again = _run(spec, proxy)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    assert "taking over the lease of run" in err and "over its TTL of 10 s" in err
+    made = read_table(meta).to_pandas()
+    # Nothing lost and nothing made twice: the rerun found every row done.
+    assert sorted(made.id) == sorted(r["id"] for r in rows) and (made.status == "ok").all() and made.key.is_unique
+    killed, rerun = run_history(S3Storage(bucket, "runs"))
+    assert killed.state == "running" and killed.ended_at is None  # what a kill -9 leaves, as it was
+    assert rerun.counts == {"skipped": 3} and rerun.exit_code == 0

@@ -259,7 +259,7 @@ def _worker(model: Path, out: Path, dtype: str, **params: object) -> tuple[RowWo
             "workers": {"batch_size": 2},
         }
     )
-    planner = Planner(spec, str(out / "-"), "t")
+    planner = Planner(spec, str(out / "-"), "t", "weights")
     images = [make_image(out.parent / f"in-{seed}.png", seed=seed) for seed in (1, 2)]
     rows = [ManifestRow(id=f"r{n}", image=str(image)) for n, image in enumerate(images, start=1)]
     return RowWorker(spec), [planner.resolve(row, n)[0].work_item() for n, row in enumerate(rows, start=1)]

@@ -90,6 +90,9 @@ def test_failures_name_row_field_and_fix(local_job: Path) -> None:
     assert "did you mean 'motion_bucket_id'" in df.loc["bad-field", "error"]
     assert "row 5" in df.loc["bad-field", "error"]
     assert "bad-image" in df.loc["bad-image", "error"] and "image:" in df.loc["bad-image", "error"]
+    # Classes are columns: both are the row's own fault, rendered again only with --retry-failed.
+    classes = df[["error_stage", "error_type", "retryable"]].dropna().T.to_dict("list")
+    assert classes == {"bad-field": ["manifest", "InvalidRow", False], "bad-image": ["image", "ImageError", False]}
 
 
 def test_metadata_reads_as_one_dataset_everywhere(local_job: Path) -> None:
@@ -310,6 +313,7 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
     df = results(spec).set_index("id")
     poison = df.loc["poison"]
     assert poison.status == "failed" and poison.retryable and poison.attempt == 2
+    assert (poison.error_stage, poison.error_type) == ("worker", "WorkerDied")
     assert "WorkerDied: its worker died 2 times while rendering it" in poison.error
     assert kills == 2  # in its batch, then alone; then it was failed without rendering again
     assert (df.drop("poison").status == "ok").all()
@@ -339,10 +343,12 @@ def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
     df = results(spec).set_index("id")
     assert df.loc["fine", "status"] == "ok"
     slow = df.loc["slow"]
-    assert slow.status == "failed" and slow.retryable
+    assert (
+        slow.status == "failed" and slow.retryable and (slow.error_stage, slow.error_type) == ("worker", "RowTimeout")
+    )
     assert "RowTimeout: took longer than workers.row_timeout_s (20 s)" in slow.error
     # Retryable: the next plain run queues it again (no --retry-failed); stopped at once, it is left.
-    assert run_job(spec, max_duration=0.01) == Counter(skipped=1, left=1)
+    assert run_job(spec, max_duration=0) == Counter(skipped=1, left=1)
 
 
 def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
@@ -393,3 +399,22 @@ def test_a_pool_that_cannot_fit_in_host_memory_stops_at_start(
         line,
     ), line
     assert not (tmp_path / "outputs" / "videos").exists()  # nothing rendered
+
+
+def test_rays_worker_startup_note_is_kept_off_the_runs_stdout() -> None:
+    import io
+
+    from svd_batch.terminal import KNOWN_RAYLET_NOTES, _DropLines
+
+    sink = io.StringIO()
+    stdout = _DropLines(sink, KNOWN_RAYLET_NOTES)  # type: ignore[arg-type]
+    # As Ray prints it: the line, then its newline, in two writes.
+    note = (
+        "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: abc with address: "
+        "10.0.0.1, which is 4x the maximum expected startup concurrency (2). This could be a result of ..."
+    )
+    for piece in ("videos:   out/demo\n", note, "\n", "metadata: out/", "demo/metadata\n", "no newline"):
+        stdout.write(piece)
+    assert sink.getvalue() == "videos:   out/demo\nmetadata: out/demo/metadata\n"
+    stdout.flush()
+    assert sink.getvalue().endswith("metadata\nno newline")

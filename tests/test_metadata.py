@@ -6,8 +6,9 @@ import datetime as dt
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from svd_batch.metadata import MetadataWriter, latest, read_table, resume_index
+from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA, ResultRow, Status
 from svd_batch.storage import LocalStorage
 
@@ -40,35 +41,6 @@ def test_the_first_rows_are_committed_at_once_then_every_interval(tmp_path: Path
     assert len(list(tmp_path.iterdir())) == 1  # the next rows wait for the interval (or the row bound)
 
 
-def test_resume_index_and_latest_follow_the_newest_run(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
-    for run, rows in (
-        ("20260101T000000Z-a", [row("x", Status.failed, "1"), row("y", Status.ok, "1")]),
-        ("20260102T000000Z-b", [row("x", Status.ok, "2"), row("z", Status.failed, "2")]),
-    ):
-        writer = MetadataWriter(storage, run)
-        writer.add(rows)
-        writer.close()
-    index = resume_index(storage)
-    assert index.done == {"x", "y"} and index.failed == {"z"}
-    current = latest(read_table(storage)).to_pandas().set_index("key")
-    assert current.loc["x", "status"] == "ok" and len(current) == 3
-
-
-def test_a_retryable_failure_is_queued_again_and_a_final_one_waits_for_retry_failed(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
-    died = row("died", Status.failed, "1").model_copy(update={"retryable": True})
-    for run, rows in (
-        ("20260101T000000Z-a", [died, row("bad", Status.failed, "1"), row("later", Status.failed, "1")]),
-        ("20260102T000000Z-b", [row("later", Status.failed, "2").model_copy(update={"retryable": True})]),
-    ):
-        writer = MetadataWriter(storage, run)
-        writer.add(rows)
-        writer.close()
-    index = resume_index(storage)
-    assert index.failed == {"bad"} and not index.done  # died and later (retryable at last) render again
-
-
 def test_parts_from_an_older_schema_still_read(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -80,4 +52,21 @@ def test_parts_from_an_older_schema_still_read(tmp_path: Path) -> None:
     writer.close()
     table = read_table(LocalStorage(tmp_path))
     assert table.schema.equals(RESULT_SCHEMA) and sorted(table.column("key").to_pylist()) == ["k", "n"]
-    assert resume_index(LocalStorage(tmp_path)).done == {"k", "n"}
+
+
+def test_a_corrupt_or_foreign_part_is_named_once_and_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage = LocalStorage(tmp_path)
+    writer = MetadataWriter(storage, "r1")
+    writer.add([row("n", Status.ok, "r1")])
+    writer.close()
+    (tmp_path / "part-x-00000.parquet").write_text("junk\n")
+    pq.write_table(pa.table({"clip": ["a.mp4"], "score": [0.5]}), tmp_path / "part-y-00000.parquet")
+    with caplog.at_level("WARNING"):
+        table = read_table(storage, ["key", "status"])
+    assert table.column("key").to_pylist() == ["n"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("ignoring metadata part" in w and "not done" in w for w in warned)
+    assert "part-x-00000.parquet" in warned[0] and "part-y-00000.parquet" in warned[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from svd_batch.driver import EXIT_STOPPED, Job, load_spec, next_deadline, parse_duration
+from svd_batch.driver import EXIT_STOPPED, Job, JobError, load_spec, next_deadline, parse_duration
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
 from tests.helpers import FAST, cli, free_port, results, rows_and_images, status_counts, wait_until, write_job
@@ -30,7 +30,7 @@ def spec_with(**fields: object) -> JobSpec:
 
 def test_sweep_expands_each_row_into_every_combination() -> None:
     spec = spec_with(sweep={"motion_bucket_id": [40, 200], "seed": [0, 1]})
-    items = Planner(spec, spec.manifest, "r").resolve(ManifestRow(id="cat", image="cat.png"), 1)
+    items = Planner(spec, spec.manifest, "r", "weights").resolve(ManifestRow(id="cat", image="cat.png"), 1)
     assert [(i.id, i.params.motion_bucket_id, i.seed) for i in items] == [
         ("cat[motion_bucket_id=40,seed=0]", 40, 0),
         ("cat[motion_bucket_id=40,seed=1]", 40, 1),
@@ -61,9 +61,20 @@ def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
 ) -> None:
     spec = write_job(tmp_path, rows_and_images(tmp_path, 6), tiny_model, workers={"count": 1, "batch_size": 1})
     job = Job(load_spec(spec))
-    job.progress = lambda counts, total: counts.get("ok") and job.drain("test drain")
+    refused: list[str] = []
+
+    def drain_and_resubmit(counts: Counter[str], total: int) -> None:
+        if counts.get("ok") and not refused:
+            job.drain("test drain")
+            try:  # a resubmit while the drain runs: the draining run still holds the output
+                Job(load_spec(spec)).start()
+            except JobError as exc:
+                refused.append(str(exc))
+
+    job.progress = drain_and_resubmit
     counts = job.run()
     assert job.stopped == "test drain" and 1 <= counts["ok"] < 6 and counts["left"] == 6 - counts["ok"]
+    assert len(refused) == 1 and f"run {job.run_id}" in refused[0] and "holds its lease" in refused[0]
     df = results(spec)
     assert set(df.status) == {"ok"}  # rows not started are left for the rerun, not failed
     again = Job(load_spec(spec)).run()
@@ -90,7 +101,7 @@ def test_sigterm_drains_and_exits_with_its_own_code(tmp_path: Path, tiny_model: 
 
 def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluster: object) -> None:
     spec = write_job(tmp_path, rows_and_images(tmp_path, 3), tiny_model)
-    job = Job(load_spec(spec), max_duration=0.01)
+    job = Job(load_spec(spec), max_duration=0)
     counts = job.run()
     assert job.stopped and job.stopped.startswith("stopped at the 0s limit") and counts["left"] == 3
 

@@ -114,17 +114,29 @@ def hub_names(cell: object) -> dict[str, str]:
     return renames
 
 
-def _write_as_hub_checkpoint(component: Path, renames: dict[str, str]) -> None:
+def _write_as_hub_checkpoint(component: Path, renames: dict[str, str], variant: str | None) -> None:
     """Rewrite a component's weights under hub tensor names, with `format: pt` metadata:
-    mindone writes `format: np`, which transformers' torch loader refuses."""
+    mindone writes `format: np`, which transformers' torch loader refuses. Variant `fp16`
+    writes `<name>.fp16.safetensors` in float16 instead, as the hub's fp16 files are."""
     from safetensors.numpy import load_file, save_file
 
     for path in sorted(component.glob("*.safetensors")):
         tensors = {renames.get(name, name): value for name, value in load_file(str(path)).items()}
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        if variant is None:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+            continue
+        half = {name: value.astype(np.float16) for name, value in tensors.items()}
+        save_file(half, str(path.with_suffix(f".{variant}.safetensors")), metadata={"format": "pt"})
+        path.unlink()
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+VARIANTS = ("fp16",)
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+    """`variant="fp16"`: the same weights, rounded to float16, in `*.fp16.safetensors` only."""
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"variant {variant!r}: the tiny model is written as fp32 (no variant) or fp16")
     runtime.configure(device="cpu")
     from mindone.diffusers import (
         AutoencoderKLTemporalDecoder,
@@ -167,7 +179,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for name, component in (("unet", unet), ("vae", vae), ("image_encoder", image_encoder)):
-        _write_as_hub_checkpoint(out_dir / name, hub_names(component))
+        _write_as_hub_checkpoint(out_dir / name, hub_names(component), variant)
     return out_dir
 
 

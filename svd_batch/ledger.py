@@ -1,0 +1,222 @@
+"""The ledger: what earlier runs made, what each run did, and which run holds the output now.
+
+One definition serves status, report and resume alike: the *latest* row of a key is the
+newest row a run produced for it (`ok` or `failed`; `skipped` rows of older versions are not
+produced rows and are ignored). A key is *done* when its latest row is `ok` and carries a URI
+for every format the spec asks for. A failed key comes back on the next plain run when its
+failure was retryable; a final failure waits for `--retry-failed`.
+
+Each run leaves `runs/<run_id>.json` beside the metadata folder (schema.RunRecord), and holds a lease while it runs:
+`_lease/<generation>.json`, created only if absent (O_EXCL locally, `If-None-Match: *` on
+S3), so two starts can never both win. The holder rewrites its own generation as a
+heartbeat; a later run takes over a lease whose heartbeat is older than its TTL (or whose
+holder's process is gone from the same host) by creating the next generation, which again
+only one run can do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from svd_batch.errors import first_line
+from svd_batch.metadata import part_keys, read_table
+from svd_batch.schema import Format, LeaseRecord, RunRecord, Status
+from svd_batch.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+URI_COLUMNS = tuple(f"{f}_uri" for f in Format)
+LEASE_DIR = "_lease"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def latest(table: pa.Table) -> pa.Table:
+    """One row per key: the newest a run produced (run ids sort by start, then end time)."""
+    produced = table.filter(pc.is_in(table.column("status"), pa.array([Status.ok.value, Status.failed.value])))
+    order = [c for c in ("run_id", "ended_at") if c in produced.column_names]
+    frame = produced.to_pandas().sort_values(order, kind="stable", na_position="first")
+    return pa.Table.from_pandas(frame.drop_duplicates("key", keep="last"), schema=table.schema, preserve_index=False)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What earlier runs left for this one, from the latest row of every key."""
+
+    done: frozenset[str]  # every asked-for format committed ok
+    kept: dict[str, dict[str, str]]  # ok, but formats missing: the URIs of those it has
+    final: frozenset[str]  # failed for good: rendered again only with --retry-failed
+
+
+def progress(meta: Storage, formats: list[str], outputs: Storage | None = None) -> Progress:
+    """`outputs`: check that each done key's objects still exist (`run --verify-outputs`)."""
+    wanted = [f"{f}_uri" for f in formats]
+    table = latest(read_table(meta, ["key", "status", "retryable", "run_id", "ended_at", *URI_COLUMNS]))
+    present = _listing(outputs) if outputs is not None else None
+    done, final, kept = set(), set(), {}
+    columns = [table.column(c).to_pylist() for c in ("key", "status", "retryable", *wanted)]
+    for key, status, retryable, *uris in zip(*columns, strict=True):
+        if status == Status.failed:
+            if not retryable:
+                final.add(key)
+            continue
+        have = {c: u for c, u in zip(wanted, uris, strict=True) if u and (present is None or u in present)}
+        if len(have) == len(wanted):
+            done.add(key)
+        elif have:
+            kept[key] = have
+    return Progress(frozenset(done), kept, frozenset(final))
+
+
+def _listing(outputs: Storage) -> set[str]:
+    uris = set()
+    for key in outputs.list("videos"):
+        uris.add(outputs.uri(key))
+        uris.add(outputs.uri(str(PurePosixPath(key).parent)) + "/")  # PNG frames: the folder's URI
+    return uris
+
+
+def repair(meta: Storage) -> None:
+    """A driver killed while merging its parts leaves them beside the merged file: drop them."""
+    keys = part_keys(meta)
+    merged = {k.removesuffix("-all.parquet") for k in keys if k.endswith("-all.parquet")}
+    for key in keys:
+        run = key.rsplit("-", 1)[0]
+        if run in merged and not key.endswith("-all.parquet"):
+            meta.delete(key)
+
+
+def write_record(runs: Storage, record: RunRecord) -> None:
+    runs.put_bytes(record.model_dump_json(indent=2).encode(), f"{record.run_id}.json")
+
+
+def run_history(runs: Storage) -> list[RunRecord]:
+    """Every run's record, oldest first; one that cannot be read is named and left out."""
+    records = []
+    for key in runs.list():
+        try:
+            records.append(RunRecord.model_validate_json(runs.get_bytes(key)))
+        except (OSError, StorageError, ValueError) as exc:
+            log.warning("ignoring run record %s (%s)", runs.uri(key), first_line(exc))
+    return sorted(records, key=lambda r: r.run_id)
+
+
+def _gone(holder: LeaseRecord) -> bool:
+    """The holder ran on this host and its process has ended (a killed driver): no need to wait
+    out its TTL. A reused pid only makes this say "alive", the safe side."""
+    if holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output; the message names it and what to do."""
+
+
+@dataclass
+class Lease:
+    storage: Storage  # the metadata prefix
+    run_id: str
+    ttl_s: float
+    on_lost: Callable[[str], None] = lambda reason: None  # the driver drains
+    generation: int = -1
+    _record: LeaseRecord | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _key(self, generation: int) -> str:
+        return f"{LEASE_DIR}/{generation:08d}.json"
+
+    def _generations(self) -> list[int]:
+        names = (PurePosixPath(k).stem for k in self.storage.list(LEASE_DIR))
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _read(self, generation: int) -> LeaseRecord:
+        return LeaseRecord.model_validate_json(self.storage.get_bytes(self._key(generation)))
+
+    def acquire(self) -> str | None:
+        """Take the lease, or raise LeaseHeld. Returns a line to show when it was taken over."""
+        for _ in range(5):  # each turn loses only to a run that won a create meanwhile
+            generations = self._generations()
+            note = None
+            if generations:
+                holder = self._read(generations[-1])
+                age = (_now() - holder.heartbeat_at).total_seconds()
+                if not holder.released:
+                    gone = _gone(holder)
+                    if age <= holder.ttl_s and not gone:
+                        raise LeaseHeld(
+                            f"run {holder.run_id} (pid {holder.pid} on {holder.host}) holds its lease "
+                            f"since {holder.acquired_at:%Y-%m-%d %H:%M:%S} UTC, heartbeat {age:.0f} s ago; wait for "
+                            f"it to end, or stop it (a holder silent for {holder.ttl_s:.0f} s is taken over)"
+                        )
+                    why = (
+                        f"its heartbeat is {age:.0f} s old, over its TTL of {holder.ttl_s:.0f} s"
+                        if age > holder.ttl_s
+                        else "that process is gone from this host"
+                    )
+                    note = f"taking over the lease of run {holder.run_id} (pid {holder.pid} on {holder.host}): {why}"
+            generation = generations[-1] + 1 if generations else 0
+            now = _now()
+            record = LeaseRecord(
+                run_id=self.run_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                ttl_s=self.ttl_s,
+                acquired_at=now,
+                heartbeat_at=now,
+            )
+            if self.storage.create(record.model_dump_json().encode(), self._key(generation)):
+                self.generation, self._record = generation, record
+                for old in generations:  # pruned; one left behind is harmless
+                    with contextlib.suppress(StorageError, OSError):
+                        self.storage.delete(self._key(old))
+                self._thread = threading.Thread(target=self._beat, name="svd-batch-lease", daemon=True)
+                self._thread.start()
+                return note
+        raise LeaseHeld(f"{self.storage.uri(LEASE_DIR)} keeps changing hands; another run is starting, try again")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                if self._generations()[-1] != self.generation:
+                    self.on_lost("another run took over the lease (this run's heartbeat was late); stopping")
+                    return
+                self._write()
+            except (StorageError, OSError, IndexError) as exc:
+                log.warning("lease heartbeat not written: %s", first_line(exc))
+
+    def _write(self, released: bool = False) -> None:
+        assert self._record is not None
+        self._record = self._record.model_copy(update={"heartbeat_at": _now(), "released": released})
+        self.storage.put_bytes(self._record.model_dump_json().encode(), self._key(self.generation))
+
+    def release(self) -> None:
+        """Free the output for the next run. If storage is down, the lease simply expires."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self._record is not None and self._generations()[-1:] == [self.generation]:
+                self._write(released=True)
+        except (StorageError, OSError) as exc:
+            log.warning("lease not released (%s); the next run takes it over after %.0f s", first_line(exc), self.ttl_s)

@@ -1,0 +1,87 @@
+"""The render stage: work items through Ray Data, over one actor per device, to result rows.
+
+Ray Data streams the queued blocks to the pool with backpressure, restarts a worker that
+dies and retries its batch; the run's JobControl actor (control.py) carries drain requests
+and per-row death counts between the driver and the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from svd_batch.schema import JobSpec
+
+
+class Stalled(RuntimeError):
+    """No worker made progress for `workers.no_progress_timeout_s`; the message says what to check."""
+
+
+def start_control(run_id: str, draining: bool) -> Any:
+    """The run's JobControl actor, on the driver's own node: one elsewhere would die with its node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from svd_batch.control import JobControl
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0)(JobControl)
+    control = actor.options(name=JobControl.name(run_id), scheduling_strategy=here).remote()
+    if draining:
+        control.drain.remote()
+    return control
+
+
+def configure_ray_data(spec: JobSpec) -> None:
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.execution_no_progress_timeout_s = spec.workers.no_progress_timeout_s
+    # A worker whose node dies mid-batch fails its task with ActorUnavailableError: retry it on
+    # the restarted worker. A batch that still fails is skipped, not fatal: its rows are
+    # accounted as failed by the driver and the other rows go on.
+    context.actor_task_retry_on_errors = [ray.exceptions.ActorUnavailableError]
+    context.max_errored_blocks = -1
+
+
+def render(spec: JobSpec, blocks: list[Any], worker_memory: int) -> Iterator[pa.Table]:
+    """Result rows, a batch at a time, as workers return them; raises Stalled."""
+    import ray
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from svd_batch.worker import worker_class
+
+    workers = spec.workers
+    resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
+    ds = ray.data.from_arrow_refs(blocks).map_batches(
+        worker_class(spec.model_dump_json()),
+        batch_size=workers.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers.count),
+        num_cpus=workers.cpus_per_worker,
+        # What the loaded model holds: Ray places no worker where it would not fit.
+        memory=worker_memory,
+        resources=resources or None,
+        # Ray Data restarts a worker that dies and retries its batch on it (a restart reloads
+        # the model), without bound: the bound is per row, kept by the run's JobControl, so a
+        # row that kills its worker every time fails alone after workers.max_attempts.
+    )
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ExecutionTimeoutError:
+        wanted = {"CPU": workers.cpus_per_worker, **resources}
+        raise Stalled(
+            f"no worker made progress for {workers.no_progress_timeout_s:.0f} s; check that the cluster "
+            f"has {workers.count} x {wanted} free (`ray status`)"
+        ) from None
+
+
+def block(items: list[str]) -> Any:
+    """One Arrow block of work items (JSON) in the object store."""
+    import ray
+
+    return ray.put(pa.table({"item": items}))

@@ -1,0 +1,111 @@
+"""Planning, as unit tests: keys, URI joins, seeds, sweeps; nothing is rendered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from svd_batch.ledger import Progress
+from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, join_uri
+from svd_batch.schema import JobSpec, ManifestRow
+
+NOTHING = Progress(frozenset(), {}, frozenset())
+
+
+def spec(**fields: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {"name": "p", "manifest": "/data/m.jsonl", "output": "/out", "model": {"path": "/m"}, **fields}
+    )
+
+
+def keys(job: JobSpec, *rows: dict, weights: str = "w1") -> list[str]:
+    planner = Planner(job, job.manifest, "run", weights)
+    return [i.key for n, r in enumerate(rows, 1) for i in planner.resolve(ManifestRow.model_validate(r), n)]
+
+
+def test_keys_are_stable_and_change_with_what_shapes_the_video() -> None:
+    row = {"id": "a", "image": "img/a.png"}
+    (key,) = keys(spec(), row)
+    assert key.startswith("videos/a-") and key.endswith("-v0") and keys(spec(), row) == [key]
+    assert keys(spec(), {**row, "fps": 8}) != [key]
+    assert keys(spec(), {**row, "seed": 5}) != [key]
+    assert keys(spec(), {**row, "image": "img/b.png"}) != [key]
+    assert keys(spec(), row, weights="w2") != [key]  # new weights at the same path: new videos
+    assert keys(spec(model={"path": "/elsewhere"}), row) == [key]  # the same weights moved: same videos
+    assert keys(spec(formats=["mp4", "gif"]), row) == [key]  # formats are what done means, not the key
+    assert keys(spec(), {**row, "tags": {"x": 1}}) == [key]  # tags describe, they do not shape
+
+
+def test_relative_references_join_the_manifest_folder_and_absolute_ones_stay() -> None:
+    assert join_uri("/data", "img/../img/a.png") == "/data/img/a.png"
+    assert join_uri("s3://b/m", "img/a.png") == "s3://b/m/img/a.png"
+    assert join_uri("/data", "s3://other/x.png") == "s3://other/x.png"
+    assert join_uri("s3://b/m", "/abs/x.png") == "/abs/x.png"
+    planner = Planner(spec(), "/data/m.jsonl", "run", "w")
+    (item,) = planner.resolve(ManifestRow(id="a", image="img/a.png", latents="l/a.npy"), 1)
+    assert item.image == "/data/img/a.png" and item.params.latents == "/data/l/a.npy"
+
+
+def test_seeds_are_derived_per_row_and_video_v_gets_seed_plus_v() -> None:
+    assert derive_seed(0, "a") == derive_seed(0, "a") != derive_seed(0, "b") != derive_seed(1, "b")
+    assert all(derive_seed(s, r) < 2**62 for s in range(50) for r in "abcdef")
+    planner = Planner(spec(), "/data/m.jsonl", "run", "w")
+    items = planner.resolve(ManifestRow(id="a", image="x.png", num_videos_per_prompt=3), 1)
+    assert [i.seed for i in items] == [derive_seed(0, "a") + v for v in range(3)]
+    assert [i.video_index for i in items] == [0, 1, 2]
+
+
+def test_a_seed_whose_videos_pass_int64_fails_its_row_naming_the_fix() -> None:
+    planner = Planner(spec(), "/data/m.jsonl", "run", "w")
+    assert len(planner.resolve(ManifestRow(id="a", image="x.png", seed=MAX_SEED), 1)) == 1
+    with pytest.raises(
+        RowError, match=r"seed: seed 9223372036854775807 \+ num_videos_per_prompt 2 .* up to 9223372036854775806"
+    ):
+        planner.resolve(ManifestRow(id="a", image="x.png", seed=MAX_SEED, num_videos_per_prompt=2), 7)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"seed": [1.5]}, r"sweep\.seed\[0\]: .*integer"),
+        ({"seed": [2**64]}, r"sweep\.seed\[0\]: .*less than 9223372036854775808"),
+        ({"fps": [7, 0]}, r"sweep\.fps\[1\]: .*greater than 0"),
+        ({"fit": ["squash"]}, r"sweep\.fit\[0\]: .*'crop', 'pad' or 'stretch'"),
+    ],
+)
+def test_sweep_values_are_checked_as_row_values_are(sweep: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        spec(sweep=sweep)
+
+
+def test_a_sweep_multiplies_rows_with_values_typed_as_a_row_would_type_them() -> None:
+    job = spec(sweep={"seed": ["1", 2], "motion_bucket_id": [10, 20]})
+    planner = Planner(job, job.manifest, "run", "w")
+    items = planner.resolve(ManifestRow(id="a", image="x.png"), 1)
+    assert sorted((i.id, i.seed, i.params.motion_bucket_id) for i in items) == [
+        ("a[seed=1,motion_bucket_id=10]", 1, 10),
+        ("a[seed=1,motion_bucket_id=20]", 1, 20),
+        ("a[seed=2,motion_bucket_id=10]", 2, 10),
+        ("a[seed=2,motion_bucket_id=20]", 2, 20),
+    ]
+
+
+def test_planning_skips_done_and_final_keys_and_keeps_what_a_partial_key_has(tmp_path: Path) -> None:
+    job = spec()
+    planner = Planner(job, job.manifest, "run", "w")
+    rows = [(n, ManifestRow(id=i, image="x.png")) for n, i in enumerate("abcd", 1)] + [
+        (5, RowError(5, None, "id", "x"))
+    ]
+    key = {i.id: i.key for n, r in rows[:4] for i in planner.resolve(r, n)}
+    earlier = Progress(frozenset({key["a"]}), {key["c"]: {"mp4_uri": "file:///c.mp4"}}, frozenset({key["d"]}))
+    planned = list(planner.plan(rows, earlier, retry_failed=False))
+    assert planned[0] is None and planned[3] is None and isinstance(planned[4], RowError)
+    assert planned[1].key == key["b"] and planned[1].kept == {}
+    assert planned[2].kept == {"mp4_uri": "file:///c.mp4"}
+    assert [p.id for p in planner.plan(rows, earlier, retry_failed=True) if p and not isinstance(p, RowError)] == [
+        "b",
+        "c",
+        "d",
+    ]
