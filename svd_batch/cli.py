@@ -38,10 +38,12 @@ def tiny_model(
     """Write a tiny random-weight SVD pipeline (real SVD classes, small configs)."""
     if directory.exists() and any(directory.iterdir()):
         raise fail(f"{directory} exists and is not empty; choose a new directory")
-    from svd_batch.engine.tiny import VARIANTS, build_tiny_model
+    from svd_batch.engine.tiny import build_tiny_model, check_variant
 
-    if variant not in (None, *VARIANTS):
-        raise fail(f"--variant {variant}: the tiny model is written as fp32 (no --variant) or --variant fp16")
+    try:
+        check_variant(variant)
+    except ValueError as exc:
+        raise fail(f"--{exc}") from None
     build_tiny_model(directory, seed, variant)
     out.print(f"tiny SVD pipeline written to {directory}")
 

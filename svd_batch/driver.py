@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 from pydantic import ValidationError
@@ -35,7 +36,7 @@ from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, wo
 from svd_batch.errors import first_line
 from svd_batch.ledger import Lease, LeaseHeld, Progress, progress, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
-from svd_batch.metadata import FLUSH_ROWS, MetadataWriter
+from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, rows_to_table
 from svd_batch.plan import Planner, RowError, stand_in
 from svd_batch.render import Stalled, block, configure_ray_data, render, start_control
 from svd_batch.schema import JobSpec, ResultRow, RunRecord, Stage, Status, explain
@@ -313,23 +314,21 @@ class Job:
         self._control = start_control(self.run_id, draining=self.stopped is not None)
         try:
             for batch in render(self.spec, blocks, self.worker_memory):
-                self.writer.add(batch)
-                self.counts.update(batch.column("status").to_pylist())
-                failed = batch.filter(pc.equal(batch.column("status"), Status.failed.value))
-                columns = (failed.column(c).to_pylist() for c in ("error_stage", "error_type", "retryable"))
-                self.failures.update((s, t, bool(r)) for s, t, r in zip(*columns, strict=True))
+                self._commit(batch)
                 for key in batch.column("key").to_pylist():
                     self.queued.pop(key, None)
                 self._report("running")
         except Stalled as exc:
             self.stalled = str(exc)
 
-    def _commit(self, rows: list[ResultRow]) -> None:
-        self.writer.add(rows)
-        self.counts.update(r.status for r in rows)
-        self.failures.update(
-            (r.error_stage, r.error_type, bool(r.retryable)) for r in rows if r.status == Status.failed
-        )
+    def _commit(self, rows: pa.Table | list[ResultRow]) -> None:
+        """Hand rows to the metadata writer, and count them and their failure classes."""
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+        self.writer.add(table)
+        self.counts.update(table.column("status").to_pylist())
+        failed = table.filter(pc.equal(table.column("status"), Status.failed.value))
+        columns = (failed.column(c).to_pylist() for c in ("error_stage", "error_type", "retryable"))
+        self.failures.update((s, t, bool(r)) for s, t, r in zip(*columns, strict=True))
 
     def _finish(self, state: str) -> None:
         """Account for every queued item, commit, and leave the run's record and status."""

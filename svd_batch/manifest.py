@@ -162,9 +162,6 @@ def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
                 RowError(number, record.get("id"), "(line)", "more cells than columns; quote cells with commas"),
             )
             continue
-        if bad := _not_text(record):
-            yield number, _row_error(number, bad)
-            continue
         try:
             cells = {key: _csv_cell(value) for key, value in record.items()}
         except ValueError as exc:
@@ -217,7 +214,7 @@ def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
     seen: set[str] = set()
     number = 0
     for number, raw in read_raw(uri):
-        if not isinstance(raw, RowError) and (bad := _not_text(raw)):
+        if not isinstance(raw, RowError) and (bad := _not_text(raw)):  # any format, any field
             raw = _row_error(number, bad)
         if isinstance(raw, RowError):
             yield number, raw

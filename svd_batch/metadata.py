@@ -37,6 +37,11 @@ def _encode(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def rows_to_table(rows: Iterable[ResultRow | dict[str, Any]]) -> pa.Table:
+    """Result rows (models, or dicts of their fields) as an Arrow table of the result schema."""
+    return pa.Table.from_pylist([r if isinstance(r, dict) else r.model_dump() for r in rows], schema=RESULT_SCHEMA)
+
+
 @dataclass
 class MetadataWriter:
     storage: Storage
@@ -52,8 +57,7 @@ class MetadataWriter:
 
     def add(self, rows: pa.Table | Iterable[ResultRow | dict[str, Any]]) -> None:
         if not isinstance(rows, pa.Table):
-            records = [r if isinstance(r, dict) else r.model_dump() for r in rows]
-            rows = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+            rows = rows_to_table(rows)
         if not rows.num_rows:
             return
         self._buffer.append(rows)

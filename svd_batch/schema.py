@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Union
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from svd_batch.storage import split_s3
+
 
 class Format(StrEnum):
     mp4 = "mp4"
@@ -229,7 +231,7 @@ def runs_location(metadata_uri: str) -> str:
     """Where the run records go: `runs/` beside the metadata folder (not in it, so the folder
     stays one Parquet dataset for pyarrow, pandas and duckdb)."""
     if metadata_uri.startswith("s3://"):
-        bucket, _, key = metadata_uri.removeprefix("s3://").rstrip("/").partition("/")
+        bucket, key = split_s3(metadata_uri.rstrip("/"))
         parent = posixpath.dirname(key)
         return f"s3://{bucket}/{parent}/runs" if parent else f"s3://{bucket}/runs"
     return posixpath.join(posixpath.dirname(metadata_uri.rstrip("/")), "runs")
@@ -323,18 +325,19 @@ class ResultRow(BaseModel):
     def for_item(cls, item: WorkItem, status: Status, **fields: Any) -> ResultRow:
         """The one factory of result rows. Every value comes from a validated work item (or
         the driver's own accounting), so validation is skipped."""
-        base = {
-            "job": item.job,
-            "run_id": item.run_id,
-            "id": item.id,
-            "video_index": item.video_index,
-            "key": item.key,
-            "seed": item.seed,
-            "params": item.params,
-            "image": item.image,
-            "tags": item.tags,
-        }
-        return cls.model_construct(**base, status=status, **fields)
+        return cls.model_construct(
+            job=item.job,
+            run_id=item.run_id,
+            id=item.id,
+            video_index=item.video_index,
+            key=item.key,
+            status=status,
+            seed=item.seed,
+            params=item.params,
+            image=item.image,
+            tags=item.tags,
+            **fields,
+        )
 
 
 class RunRecord(BaseModel):

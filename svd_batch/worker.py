@@ -32,6 +32,7 @@ from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, Vide
 from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
 from svd_batch.inputs import InputPolicy
+from svd_batch.metadata import rows_to_table
 from svd_batch.schema import RESULT_SCHEMA, Format, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import open_storage
 
@@ -208,10 +209,6 @@ class RowWorker:
         row.error = f"row {p.item.line} (id {p.item.id!r}): {stage}: {first_line(exc, with_type=True)}"
         row.status, row.error_stage, row.error_type, row.ended_at = Status.failed, stage, type(exc).__name__, _now()
         row.retryable = is_retryable(exc)
-
-
-def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
-    return pa.Table.from_pylist([r.model_dump() for r in rows], schema=RESULT_SCHEMA)
 
 
 def items_from_table(table: pa.Table) -> list[WorkItem]:

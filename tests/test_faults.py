@@ -14,7 +14,7 @@ import boto3
 import pandas as pd
 import pytest
 
-from svd_batch.ledger import run_history
+from svd_batch.ledger import latest, run_history
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
@@ -36,8 +36,8 @@ def _bucket(s3_server: str) -> str:
 
 
 def _latest(metadata_uri: str) -> pd.DataFrame:
-    df = read_table(open_storage(metadata_uri)).to_pandas()
-    return df.sort_values("ended_at").groupby(["id", "video_index"]).last()
+    """One row per video, by the ledger's one definition of the latest row."""
+    return latest(read_table(open_storage(metadata_uri))).to_pandas().set_index(["id", "video_index"])
 
 
 def _videos_in(s3_server: str, bucket: str) -> set[str]:

@@ -130,13 +130,14 @@ def _write_as_hub_checkpoint(component: Path, renames: dict[str, str], variant: 
         path.unlink()
 
 
-VARIANTS = ("fp16",)
+def check_variant(variant: str | None) -> None:
+    if variant not in (None, "fp16"):
+        raise ValueError(f"variant {variant!r}: the tiny model is written as fp32 (no variant) or fp16")
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
     """`variant="fp16"`: the same weights, rounded to float16, in `*.fp16.safetensors` only."""
-    if variant not in (None, *VARIANTS):
-        raise ValueError(f"variant {variant!r}: the tiny model is written as fp32 (no variant) or fp16")
+    check_variant(variant)
     runtime.configure(device="cpu")
     from mindone.diffusers import (
         AutoencoderKLTemporalDecoder,
