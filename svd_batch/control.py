@@ -39,12 +39,18 @@ class JobControl:
     def drain(self) -> None:
         self.draining = True
 
-    def begin(self, worker: str, pid: int, keys: list[str]) -> tuple[bool, dict[str, History]]:
-        """A worker starts a call on `keys`: (draining?, the history of the batch's rows)."""
+    def begin(self, worker: str, pid: int, keys: list[str], alone: bool = False) -> tuple[bool, dict[str, History]]:
+        """A worker starts a call on `keys`: (draining?, the history of the batch's rows).
+
+        A batch with history is not rendered whole but one row per call (each `alone`), so
+        only those calls are open: a death before the first of them renders nothing, and
+        counting it would charge every batch-mate with a death that was not theirs.
+        """
         self._count_deaths(worker)
-        if not self.draining:
+        history = {k: self.history[k] for k in keys if k in self.history}
+        if not self.draining and (alone or not history):
             self.open_calls[worker] = (pid, keys)
-        return self.draining, {k: self.history[k] for k in keys if k in self.history}
+        return self.draining, history
 
     def _count_deaths(self, worker: str) -> None:
         _, keys = self.open_calls.pop(worker, (0, []))

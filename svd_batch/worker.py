@@ -250,7 +250,6 @@ class RayWorker:
                     return rows_to_table(self.worker.process(items))
             finally:
                 self._tell(control, "end")
-        self._tell(control, "end")  # from here on, each row is its own call
         return rows_to_table(self._one_by_one(control, items, history))
 
     def _one_by_one(self, control: Any, items: list[WorkItem], history: dict[str, History]) -> list[ResultRow]:
@@ -264,7 +263,7 @@ class RayWorker:
             if refusal:
                 rows.append(self.worker.refuse(item, *refusal, attempt=past.deaths + int(past.timed_out)))
                 continue
-            answer = self._tell(control, "begin", os.getpid(), [item.key])
+            answer = self._tell(control, "begin", os.getpid(), [item.key], True)
             if answer is not None and answer[0]:
                 break  # drained meanwhile: the rest are left for the next run
             row = None

@@ -276,12 +276,18 @@ def test_job_control_counts_deaths_per_row_in_flight() -> None:
     # The same worker starts again without ending: it was restarted, with c and d in flight.
     draining, history = control.begin("w1", 11, ["c", "d"])
     assert not draining and history == {"c": History(deaths=1), "d": History(deaths=1)}
+    # That batch is now rendered a row per call and only those are in flight: a worker that dies
+    # before the first of them (rendering nothing) and starts the batch again charges nobody.
+    assert control.in_flight() == {}
+    control.begin("w1", 12, ["c", "d"])
+    assert control.begin("w1", 12, ["c"], True)[1] == {"c": History(deaths=1)}
+    assert control.in_flight() == {"w1": (12, ["c"])}
     control.end("w1", {"c": {"id": "c"}})
-    control.begin("w1", 11, ["d"])
+    control.begin("w1", 12, ["d"], True)
     control.timed_out("w1")
-    assert control.begin("w1", 12, ["c", "d"])[1] == {"c": History(1, False, {"id": "c"}), "d": History(1, True)}
+    assert control.begin("w1", 13, ["c", "d"])[1] == {"c": History(1, False, {"id": "c"}), "d": History(1, True)}
     control.drain()
-    assert control.begin("w2", 13, ["e"]) == (True, {}) and "w2" not in control.in_flight()
+    assert control.begin("w2", 14, ["e"]) == (True, {}) and "w2" not in control.in_flight()
 
 
 @pytest.mark.slow
