@@ -14,7 +14,7 @@ PIP := --disable-pip-version-check -qq
 REFERENCE := $(VENV)/torch-reference
 REFERENCE_STAMP := $(REFERENCE)/.installed
 
-.PHONY: setup reference browser demo test bench lint format clean
+.PHONY: setup reference browser demo test test-full bench lint format clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ browser:
 
 test: setup reference browser
 	$(PY) -m pytest -q
+
+# The full-size architecture: builds the svd-xt preset once (9 GB of disk), then renders it.
+test-full: setup reference
+	$(PY) -m pytest -q -m full
 
 bench: setup
 	$(PY) -m bench.run

@@ -9,6 +9,8 @@ written to bench/results/latest.json. Nothing here is asserted: the numbers are 
 4 scaling    2 workers vs 1
 5 planning   1,000,000-row manifest with 990,000 done: plan time and driver peak RSS (and 100k)
 6 metadata   rows/s committed to Parquet; part files after a 100k-row run
+7 loading    full-size SVD-XT (random weights, built once into .cache/svd-xt): a loading
+             process's peak RSS / the size of its weights, and the load time
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ PARAMS = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, 
 
 
 def tiny_model() -> Path:
-    from svd_batch.engine.tiny import ensure_tiny_model
+    from svd_batch.engine.checkpoints import ensure_checkpoint
 
-    return ensure_tiny_model()
+    return ensure_checkpoint()
 
 
 def write_job(name: str, rows: int, workers: int, batch: int, model: Path) -> Path:
@@ -241,6 +243,36 @@ def metadata_rate(rows: int = 100_000) -> dict[str, Any]:
     }
 
 
+LOAD_SCRIPT = """
+import json, resource, sys, time
+import svd_batch
+import mindspore, mindone.diffusers, mindone.transformers
+from pathlib import Path
+from svd_batch.engine.loader import load_pipeline
+from svd_batch.schema import ModelSpec
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+load_pipeline(ModelSpec(path=Path(sys.argv[1])))
+print(json.dumps({"seconds": time.perf_counter() - start, "runtime_bytes": runtime,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def loading(preset: str = "svd-xt") -> dict[str, Any]:
+    """Load a full-size preset in a fresh process, as a worker does, and compare its peak RSS
+    with the bytes of its weights. The preset is built the first time (about 9 GB of disk)."""
+    from svd_batch.engine.checkpoints import ensure_checkpoint
+
+    start = time.perf_counter()
+    model = ensure_checkpoint(preset=preset)
+    built_s = time.perf_counter() - start
+    weights = sum(f.stat().st_size for f in model.rglob("*.safetensors"))
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(model)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    return {**result, "preset": preset, "weight_bytes": weights, "build_s": built_s,
+            "ratio": result["peak_rss_bytes"] / weights}  # fmt: skip
+
+
 def machine() -> dict[str, Any]:
     cpu = next(
         (
@@ -279,6 +311,7 @@ def main() -> None:
     results["plan_100k"] = planning(model, 100_000)
     results["plan_1m"] = planning(model, 1_000_000)
     results["metadata"] = metadata_rate()
+    results["loading"] = loading()
     results["bench_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
@@ -290,7 +323,7 @@ def table(r: dict[str, Any]) -> str:
     busy1 = min(j1["busy"].values())
     busy2 = ", ".join(f"{v:.2f}" for v in j2["busy"].values())
     p1, pm = r["plan_100k"], r["plan_1m"]
-    m = r["metadata"]
+    m, ld = r["metadata"], r["loading"]
     lines = [
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
         f"ray {r['machine']['ray']}; {r['machine']['date']}",
@@ -312,6 +345,8 @@ def table(r: dict[str, Any]) -> str:
         f"| 6 metadata: rows/s committed; parts committed -> files after a 100k-row run | "
         f"**{m['rows_per_s']:,.0f}**; {m['parts_committed']} -> {m['files_after']} file "
         f"({m['bytes_after'] / 1e6:.1f} MB) | |",
+        f"| 7 loading {ld['preset']}: peak RSS / weights; load time | {ld['peak_rss_bytes'] / 2**30:.1f} GiB / "
+        f"{ld['weight_bytes'] / 2**30:.1f} GiB = **{ld['ratio']:.2f}**; {ld['seconds']:.0f} s | <= 1.3 |",
     ]
     return "\n".join(lines)
 

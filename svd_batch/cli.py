@@ -34,18 +34,21 @@ def tiny_model(
     variant: Annotated[
         str | None, typer.Option(help="fp16: write *.fp16.safetensors (float16), as the hub's fp16 files.")
     ] = None,
+    preset: Annotated[
+        str, typer.Option(help="tiny (the default model), or svd / svd-xt: the full architectures (9 GB in fp32).")
+    ] = "tiny",
 ) -> None:
-    """Write a tiny random-weight SVD pipeline (real SVD classes, small configs)."""
+    """Write a random-weight SVD pipeline: real SVD classes, tiny or full-size configs."""
     if directory.exists() and any(directory.iterdir()):
         raise fail(f"{directory} exists and is not empty; choose a new directory")
-    from svd_batch.engine.tiny import build_tiny_model, check_variant
+    from svd_batch.engine.checkpoints import build_checkpoint, check_choice
 
     try:
-        check_variant(variant)
+        check_choice(preset, variant)
     except ValueError as exc:
         raise fail(f"--{exc}") from None
-    build_tiny_model(directory, seed, variant)
-    out.print(f"tiny SVD pipeline written to {directory}")
+    build_checkpoint(directory, seed, variant, preset)
+    out.print(f"{preset} SVD pipeline written to {directory}")
 
 
 def parse_settings(settings: list[str]) -> dict[str, object]:
@@ -94,9 +97,9 @@ def render(
 
     defaults = parse_settings(settings)
     if model is None:
-        from svd_batch.engine.tiny import ensure_tiny_model
+        from svd_batch.engine.checkpoints import ensure_checkpoint
 
-        model = ensure_tiny_model()
+        model = ensure_checkpoint()
         defaults = {**TINY_DEFAULTS, **defaults}
     try:
         spec = JobSpec.model_validate(
@@ -272,7 +275,8 @@ ADDRESS = typer.Option(help="Ray dashboard / Jobs API address (default: RAY_JOBS
 def submit(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     address: Annotated[str | None, ADDRESS] = None,
-    retry_failed: Annotated[bool, typer.Option()] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Passed to `run`.")] = False,
+    verify_outputs: Annotated[bool, typer.Option(help="Passed to `run`.")] = False,
     deadline: Annotated[str | None, typer.Option(help="HH:MM, passed to `run`.")] = None,
     max_duration: Annotated[str | None, typer.Option(help="e.g. 8h, passed to `run`.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends; exit as it did.")] = False,
@@ -283,7 +287,7 @@ def submit(
 
     try:
         load_spec(job)  # refuse a bad spec here, not on the cluster
-        run_args = ["--retry-failed"] if retry_failed else []
+        run_args = ["--retry-failed"] * retry_failed + ["--verify-outputs"] * verify_outputs
         if deadline:
             next_deadline(deadline)
             run_args += ["--deadline", deadline]

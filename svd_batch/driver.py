@@ -34,7 +34,7 @@ from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
 from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, worker_memory
 from svd_batch.errors import first_line
-from svd_batch.ledger import Lease, LeaseHeld, Progress, progress, repair, write_record
+from svd_batch.ledger import Lease, LeaseHeld, Progress, close_lost, progress, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, rows_to_table
 from svd_batch.plan import Planner, RowError, stand_in
@@ -244,6 +244,8 @@ class Job:
         try:
             repair(self.meta)
             write_record(self.runs, self.record)
+            if self.lease.taken_from is not None:
+                close_lost(self.runs, self.lease.taken_from)
         except StorageError as exc:
             self.lease.release()
             raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None

@@ -345,7 +345,9 @@ class RunRecord(BaseModel):
 
     job: str
     run_id: str
-    state: Literal["running", "finished", "stopped", "failed"]
+    # lost: it ended without writing its end (killed, or its machine lost); the run that took
+    # over its lease wrote this, with its last heartbeat as ended_at.
+    state: Literal["running", "finished", "stopped", "failed", "lost"]
     exit_code: int | None = None
     spec_sha256: str  # of the spec as the run read it (paths resolved)
     model_fingerprint: str

@@ -16,9 +16,9 @@ os.environ.setdefault("SVD_BATCH_CACHE", str(ROOT / ".cache"))
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from svd_batch.engine.tiny import ensure_tiny_model
+    from svd_batch.engine.checkpoints import ensure_checkpoint
 
-    return ensure_tiny_model()
+    return ensure_checkpoint()
 
 
 @pytest.fixture(scope="session")

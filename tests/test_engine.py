@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -53,12 +54,31 @@ def test_tiny_model_layout_is_standard_diffusers(tiny_model: Path) -> None:
         assert f.metadata() == {"format": "pt"}
 
 
-def test_same_seed_writes_identical_weights(tiny_model: Path, tmp_path: Path) -> None:
-    from svd_batch.engine.tiny import build_tiny_model
+def test_full_size_presets_are_the_published_architectures() -> None:
+    """Counted from parameter shapes alone (nothing is allocated): SVD-XT's UNet has 1.52 B
+    parameters, OpenCLIP ViT-H/14's vision tower 0.63 B; SVD differs only in its frame count."""
+    from transformers import CLIPVisionConfig
 
-    again = build_tiny_model(tmp_path / "again", seed=0)
+    from svd_batch.engine.checkpoints import PRESETS
+    from svd_batch.engine.loader import empty_components
+
+    counts = {}
+    for name in ("svd", "svd-xt"):
+        preset = PRESETS[name]
+        cells = empty_components(preset.unet, preset.vae, CLIPVisionConfig(**preset.clip))
+        counts[name] = {k: sum(math.prod(p.shape) for p in cell.get_parameters()) for k, cell in cells.items()}
+    assert counts["svd"] == counts["svd-xt"]
+    assert (PRESETS["svd"].unet["num_frames"], PRESETS["svd-xt"].unet["num_frames"]) == (14, 25)
+    assert counts["svd-xt"]["unet"] == pytest.approx(1.52e9, rel=0.005)
+    assert counts["svd-xt"]["image_encoder"] == pytest.approx(0.63e9, rel=0.01)
+
+
+def test_same_seed_writes_identical_weights(tiny_model: Path, tmp_path: Path) -> None:
+    from svd_batch.engine.checkpoints import build_checkpoint
+
+    again = build_checkpoint(tmp_path / "again", seed=0)
     assert weight_digests(again) == weight_digests(tiny_model)
-    other = build_tiny_model(tmp_path / "other", seed=1)
+    other = build_checkpoint(tmp_path / "other", seed=1)
     assert weight_digests(other) != weight_digests(tiny_model)
 
 
@@ -106,13 +126,23 @@ def test_corrupt_weights_name_the_file(tiny_model: Path, tmp_path: Path) -> None
         check_model_dir(model)
 
 
-def test_config_that_does_not_match_weights_fails_clearly(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"unet": {"cross_attention_dim": 16}}, r"unet/diffusion_pytorch_model.safetensors: tensor down_blocks"
+         r".0.attentions.0.transformer_blocks.0.attn2.to_k.weight has shape \[32, 32\], its config makes \[32, 16\]"),
+        ({"vae": {"layers_per_block": 2}}, r"vae/ lacks 67 tensor\(s\) its config makes \(encoder.down_blocks"),
+        ({"unet": {"down_block_types": ["NoSuchBlock"] * 2}}, r"the weights do not load \(.*NoSuchBlock"),
+    ],
+)  # fmt: skip
+def test_config_that_does_not_match_weights_names_the_tensor(
+    tiny_model: Path, tmp_path: Path, change: dict[str, dict[str, object]], says: str
+) -> None:
     model = copy_model(tiny_model, tmp_path / "m")
-    config_path = model / "unet" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["block_out_channels"] = [64, 64]
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="weights do not load"):
+    ((component, changed),) = change.items()
+    config_path = model / component / "config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | changed))
+    with pytest.raises(ModelError, match=says):
         load_pipeline(ModelSpec(path=model))
 
 

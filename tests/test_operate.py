@@ -188,6 +188,11 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     assert state == "SUCCEEDED", logs[-3000:]
     assert "ok" in logs and "metadata:" in logs
     assert sorted(results(spec).id) == ["q0", "q1"]  # written where the spec said, from the cluster
+    # A video lost from storage is made again by a submitted run told to verify the outputs.
+    gone = Path(results(spec).set_index("id").loc["q0"].mp4_uri.removeprefix("file://"))
+    gone.unlink()
+    done = cli("submit", str(spec), "--address", ray_head, "--verify-outputs", "--wait", timeout=600)
+    assert done.returncode == 0 and gone.is_file(), done.stdout[-3000:]
 
     slow = write_job(
         tmp_path / "b", rows_and_images(tmp_path / "b", 8), tiny_model, defaults={**FAST, "num_inference_steps": 20}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from svd_batch.ledger import Progress
+from svd_batch.ledger import KeySet, Progress
 from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, join_uri
 from svd_batch.schema import JobSpec, ManifestRow
 
@@ -99,7 +99,7 @@ def test_planning_skips_done_and_final_keys_and_keeps_what_a_partial_key_has(tmp
         (5, RowError(5, None, "id", "x"))
     ]
     key = {i.id: i.key for n, r in rows[:4] for i in planner.resolve(r, n)}
-    earlier = Progress(frozenset({key["a"]}), {key["c"]: {"mp4_uri": "file:///c.mp4"}}, frozenset({key["d"]}))
+    earlier = Progress(KeySet([key["a"]]), {key["c"]: {"mp4_uri": "file:///c.mp4"}}, KeySet([key["d"]]))
     planned = list(planner.plan(rows, earlier, retry_failed=False))
     assert planned[0] is None and planned[3] is None and isinstance(planned[4], RowError)
     assert planned[1].key == key["b"] and planned[1].kept == {}

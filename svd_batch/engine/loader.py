@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_batch.engine import runtime
+from svd_batch.engine.weights import WeightsError, index, load_into
 from svd_batch.errors import first_line
 from svd_batch.schema import ModelSpec
 
@@ -117,10 +118,11 @@ def check_model_dir(path: Path, variant: str | None = None) -> dict[Path, list[P
     return weights
 
 
-# Host memory one worker holds: the weights in the dtype it computes in, twice while mindone
-# loads them (a full state dict beside the parameters: 17.5 GB peak was measured for SVD-XT's
-# 8.5 GB of fp32 weights), plus the process itself (MindSpore, mindone, Ray: about 1 GiB).
-LOAD_FACTOR = 2.0
+# Host memory one worker holds: the weights in the dtype it computes in, streamed into the
+# parameters one tensor at a time (SVD-XT in fp32: 9.67 GB peak RSS for 9.02 GB of weights,
+# `make bench`), a fifth more for the tensor in flight and a render's activations, plus the
+# process itself (MindSpore, mindone, Ray: about 1 GiB).
+LOAD_FACTOR = 1.2
 RUNTIME_BYTES = 2**30
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -128,14 +130,7 @@ ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 def worker_memory(weights: dict[Path, list[Path]], dtype: str) -> int:
     """Bytes of host memory a worker needs to load and hold these weights in `dtype`, read from
     the safetensors headers alone (an fp16 file loaded as fp32 takes twice its size)."""
-    from safetensors import safe_open
-
-    elements = 0
-    for files in weights.values():
-        for file in files:
-            with safe_open(str(file), framework="numpy") as handle:
-                for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                    elements += math.prod(handle.get_slice(name).get_shape())
+    elements = sum(math.prod(t.shape) for files in weights.values() for t in index(files).values())
     return int(LOAD_FACTOR * elements * ELEMENT_BYTES[dtype] + RUNTIME_BYTES)
 
 
@@ -179,6 +174,43 @@ def _hash_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def empty_components(unet: dict[str, Any], vae: dict[str, Any], clip: Any) -> dict[str, Any]:
+    """The three weighted components of SVD from their configs, with parameters that are shapes
+    only: nothing is allocated until something fills them (the loader from files, the
+    checkpoint builder from a seed)."""
+    from mindone.diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from mindone.transformers import CLIPVisionModelWithProjection
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        return {
+            "unet": UNetSpatioTemporalConditionModel.from_config(unet),
+            "vae": AutoencoderKLTemporalDecoder.from_config(vae),
+            "image_encoder": CLIPVisionModelWithProjection(clip),
+        }
+
+
+def _assemble(path: Path, files: dict[Path, list[Path]], dtype: Any) -> Any:
+    """The pipeline as `StableVideoDiffusionPipeline.from_pretrained` makes it, except that each
+    tensor streams from its file into its parameter (mindone's loader would hold a second copy)."""
+    from mindone.diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    cells = empty_components(
+        json.loads((path / "unet" / "config.json").read_text()),
+        json.loads((path / "vae" / "config.json").read_text()),
+        CLIPVisionConfig.from_pretrained(str(path / "image_encoder")),
+    )
+    for name, cell in cells.items():
+        load_into(cell, files[path / name], dtype)
+        cell.set_train(False)
+    return StableVideoDiffusionPipeline(
+        **cells,
+        scheduler=EulerDiscreteScheduler.from_pretrained(str(path / "scheduler")),
+        feature_extractor=CLIPImageProcessor.from_pretrained(str(path / "feature_extractor")),
+    )
+
+
 def load_pipeline(spec: ModelSpec, device: runtime.Device = "cpu") -> LoadedModel:
     path = Path(spec.path).expanduser().resolve()
     if device == "cpu" and spec.dtype == "bf16":
@@ -187,17 +219,12 @@ def load_pipeline(spec: ModelSpec, device: runtime.Device = "cpu") -> LoadedMode
     device_label = runtime.configure(device, spec.mode)
 
     import mindspore as ms
-    from mindone.diffusers import StableVideoDiffusionPipeline
 
     try:
-        pipe = StableVideoDiffusionPipeline.from_pretrained(
-            str(path),
-            mindspore_dtype=getattr(ms, DTYPES[spec.dtype]),
-            variant=spec.variant,
-            use_safetensors=True,
-            local_files_only=True,
-        )
-    except Exception as exc:  # mindone raises bare ValueError/OSError/KeyError for bad checkpoints
+        pipe = _assemble(path, weights, getattr(ms, DTYPES[spec.dtype]))
+    except WeightsError as exc:  # names the file and tensor already
+        raise ModelError(str(exc)) from None
+    except Exception as exc:  # mindone and transformers raise bare ValueError/OSError/KeyError for bad configs
         raise ModelError(
             f"{path}: the weights do not load ({first_line(exc)}); check that configs match the weights"
         ) from exc
