@@ -40,7 +40,7 @@ def test_torch_diffusers_and_transformers_load_every_tensor_under_its_hub_name(t
     }
 
 
-def test_mindone_loads_the_hub_names_into_every_parameter_exactly(tiny_model: Path, loaded) -> None:  # type: ignore[no-untyped-def]
+def test_the_loader_puts_every_hub_named_tensor_into_its_parameter_exactly(tiny_model: Path, loaded) -> None:  # type: ignore[no-untyped-def]
     pipe = loaded.pipe
     for name, cell in (("unet", pipe.unet), ("vae", pipe.vae), ("image_encoder", pipe.image_encoder)):
         stored = load_file(next((tiny_model / name).glob("*.safetensors")))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from svd_batch.engine import runtime
-from svd_batch.engine.weights import WeightsError, index, load_into
+from svd_batch.engine.weights import WeightsError, index, load_into, read_header
 from svd_batch.errors import first_line
 from svd_batch.schema import ModelSpec
 
@@ -150,16 +150,15 @@ def fingerprint(path: Path, weights: dict[Path, list[Path]]) -> str:
     for files in weights.values():
         for file in files:
             digest.update(f"{file.relative_to(path)}\x00{file.stat().st_size}".encode())
+            data, header = read_header(file)
+            digest.update(header)
+            tensors = json.loads(header)
+            tensors.pop("__metadata__", None)
             with file.open("rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = handle.read(size)
-                digest.update(header)
-                tensors = json.loads(header)
-                tensors.pop("__metadata__", None)
                 for name in sorted(tensors):
                     start, end = tensors[name]["data_offsets"]
                     for offset in sorted({start, (start + end) // 2, max(end - SAMPLE_BYTES, start)}):
-                        handle.seek(8 + size + offset)
+                        handle.seek(data + offset)
                         digest.update(handle.read(min(SAMPLE_BYTES, end - offset)))
     return digest.hexdigest()[:32]
 

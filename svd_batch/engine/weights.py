@@ -1,10 +1,10 @@
 """Safetensors weights streamed one tensor at a time, under the names a hub checkpoint uses.
 
-Full SVD-XT is 8.5 GB of fp32 weights. mindone's own loader reads a whole state dict beside
+Full SVD-XT is 9.0 GB of fp32 weights. mindone's own loader reads a whole state dict beside
 the parameters (17.5 GB peak was measured), and a memory map is no better: every page read
 through it counts towards the process's RSS until the file is closed. So tensors are read
-with plain reads straight into the buffers the parameters keep, and written the
-same way: peak host memory is the parameters plus the largest tensor.
+with plain reads straight into the buffers the parameters keep (peak: the parameters plus
+one tensor), and written from one buffer at a time.
 """
 
 from __future__ import annotations
@@ -35,14 +35,13 @@ class Stored:
     dtype: str  # safetensors code
     shape: tuple[int, ...]
     start: int  # absolute offset of the first byte in the file
-    nbytes: int
 
 
-def read_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(offset where the data begins, the header's JSON) of a safetensors file."""
+def read_header(file: Path) -> tuple[int, bytes]:
+    """(offset where the data begins, the header's JSON text) of a safetensors file."""
     with file.open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        return 8 + size, json.loads(handle.read(size))
+        return 8 + size, handle.read(size)
 
 
 def index(files: list[Path]) -> dict[str, Stored]:
@@ -50,10 +49,10 @@ def index(files: list[Path]) -> dict[str, Stored]:
     tensors = {}
     for file in files:
         data, header = read_header(file)
-        header.pop("__metadata__", None)
-        for name, entry in header.items():
-            start, end = entry["data_offsets"]
-            tensors[name] = Stored(file, entry["dtype"], tuple(entry["shape"]), data + start, end - start)
+        entries = json.loads(header)
+        entries.pop("__metadata__", None)
+        for name, entry in entries.items():
+            tensors[name] = Stored(file, entry["dtype"], tuple(entry["shape"]), data + entry["data_offsets"][0])
     return tensors
 
 
