@@ -189,6 +189,9 @@ def test_an_fp16_variant_loads_upcast_to_fp32_on_cpu(
         check_model_dir(model)  # no variant asked for: the fp32 files are missing, and it says so
     upcast = load_pipeline(ModelSpec(path=model, variant="fp16", dtype="fp32"))
     assert {str(p.dtype) for p in upcast.pipe.unet.get_parameters()} == {"Float32"}
+    half = load_pipeline(ModelSpec(path=model, variant="fp16", dtype="fp16"))
+    cells = (half.pipe.unet, half.pipe.vae, half.pipe.image_encoder)
+    assert {str(p.dtype) for cell in cells for p in cell.get_parameters()} == {"Float16"}
     p = renderer.resolve(params(noise_aug_strength=0))
     (ours,) = Renderer(upcast, max_batch=1).render([VideoRequest(images[0], p, 7)])
     (full,) = renderer.render([VideoRequest(images[0], p, 7)])

@@ -115,6 +115,8 @@ def load_into(cell: Any, files: list[Path], dtype: Any) -> None:
             if wanted is not None and values.dtype != wanted:
                 values = values.astype(wanted)
             tensor = ms.Tensor.from_numpy(values) if wanted is not None else ms.Tensor(values, dtype=dtype)
+            if parameter.dtype != dtype:  # set_data would convert the data to the parameter's dtype
+                parameter.set_dtype(dtype)  # cheap: the parameter has no data yet
             parameter.set_data(tensor)
 
 
