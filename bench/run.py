@@ -7,7 +7,9 @@ written to bench/results/latest.json. Nothing here is asserted: the numbers are 
 2 busy       per worker: time inside the pipeline call / wall time while it has work
 3 batching   bare loop, 4 rows per call vs 1
 4 scaling    2 workers vs 1
-5 planning   1,000,000-row manifest with 990,000 done: plan time and driver peak RSS (and 100k)
+5 planning   1,000,000-row manifest with 990,000 done: plan time, driver peak RSS and the
+             object store's peak (and 100k); a fresh 1M manifest: seconds to the first video;
+             a rerun of a finished 1M job: metadata bytes it writes
 6 metadata   rows/s committed to Parquet; part files after a 100k-row run
 7 loading    full-size SVD-XT (random weights, built once into .cache/svd-xt): a loading
              process's peak RSS / the size of its weights, and the load time
@@ -114,37 +116,99 @@ def job_run(model: Path, workers: int, batch: int) -> dict[str, Any]:
 
 
 PLAN_SCRIPT = """
-import json, resource, sys, time
+import json, re, resource, sys, threading, time
 import svd_batch
 import ray
 from pathlib import Path
+from ray._private.internal_api import memory_summary
 from svd_batch.driver import Job, load_spec
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-job = Job(load_spec(Path(sys.argv[1])))
+mode, peak, first = sys.argv[2], [0.0], []
+
+def sample():
+    while True:
+        found = re.search(r"Plasma memory usage (\\d+) MiB", memory_summary(stats_only=True))
+        peak[0] = max(peak[0], float(found.group(1)) if found else 0.0)
+        time.sleep(0.5)
+
+def seen(counts, total):
+    if counts.get("ok") and not first:
+        first.append(time.perf_counter() - start)
+        job.drain("bench: first video")
+
+threading.Thread(target=sample, daemon=True).start()
+# plan: stopped before it starts, so the run only plans (and counts what it leaves).
+job = Job(load_spec(Path(sys.argv[1])), max_duration=0 if mode == "plan" else None,
+          progress=seen if mode == "first" else None)
 start = time.perf_counter()
-job.start()
-job.plan()
-job.lease.release()
-elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "queued": len(job.queued), "skipped": job.counts["skipped"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+counts = job.run()
+print(json.dumps({"seconds": time.perf_counter() - start, "first_video_s": first[0] if first else None,
+                  "counts": dict(counts), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "object_store_peak_mib": peak[0]}))
 """
 
 
-def planning(model: Path, rows: int) -> dict[str, Any]:
-    """Plan a manifest of which 99% is done; run in a fresh process so its peak RSS is its own."""
-    from svd_batch.driver import load_spec, new_run_id
+def _done_metadata(spec: Any, every: int) -> int:
+    """An earlier run's metadata, written straight as Arrow: an `ok` row for every row but each
+    `every`-th (0: every row). Keys come from the planner, so they are the ones a run looks for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from svd_batch.driver import new_run_id
     from svd_batch.engine.loader import check_model_dir, fingerprint
     from svd_batch.manifest import read_rows
-    from svd_batch.metadata import MetadataWriter
     from svd_batch.plan import Planner
-    from svd_batch.schema import ResultRow, Status
-    from svd_batch.storage import open_storage
+    from svd_batch.schema import RESULT_SCHEMA
+
+    run_id = new_run_id()
+    weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
+    planner = Planner(spec, spec.manifest, run_id, weights)
+    keys, ids = [], []
+    for number, row in read_rows(spec.manifest):
+        if every and number % every == 0:
+            continue
+        for video in planner.resolve(row, number):
+            keys.append(video.key)
+            ids.append(video.id)
+    n = len(keys)
+    columns = {
+        "job": pa.array([spec.name] * n),
+        "run_id": pa.array([run_id] * n),
+        "id": pa.array(ids),
+        "video_index": pa.array([0] * n, pa.int64()),
+        "key": pa.array(keys),
+        "status": pa.array(["ok"] * n),
+        "mp4_uri": pa.array([f"s3://b/{k}.mp4" for k in keys]),
+        "image": pa.array(["img.png"] * n),
+        "ended_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")),
+    }
+    table = pa.table([columns.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA], schema=RESULT_SCHEMA)
+    pq.write_table(table, Path(spec.metadata_uri) / f"part-{run_id}-all.parquet", compression="zstd")
+    return n
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def planning(model: Path, rows: int, mode: str, every: int | None) -> dict[str, Any]:
+    """A job on a synthetic manifest, in a fresh process so its peak RSS is its own. `every`:
+    an earlier run made all rows but each every-th (0: all of them; None: no earlier run).
+    mode plan: planning alone (the run is stopped before it starts); first: until the first
+    video is committed; run: a whole run."""
+    import shutil
+
+    from svd_batch.driver import load_spec
 
     folder = WORK / f"plan-{rows}"
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
     if not manifest.exists():
+        from jobs.demo.make_inputs import picture
+
+        (folder / "img").mkdir(exist_ok=True)
+        for i in range(1000):
+            picture(i, (48, 40)).save(folder / "img" / f"{i}.png")
         with manifest.open("w") as f:
             for i in range(rows):
                 f.write(json.dumps({"id": f"row-{i:08d}", "image": f"img/{i % 1000}.png", "tags": {"shard": i % 64}}))
@@ -162,32 +226,16 @@ def planning(model: Path, rows: int) -> dict[str, Any]:
         )
     )
     spec = load_spec(spec_path)
-    meta = open_storage(spec.metadata_uri)
-    for key in meta.list():
-        meta.delete(key)
-    # An earlier run that finished 99% of the rows.
-    run_id = new_run_id()
-    weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
-    writer, planner = MetadataWriter(meta, run_id, flush_seconds=3600), Planner(spec, spec.manifest, run_id, weights)
-    done, batch, now = 0, [], dt.datetime.now(dt.UTC)
-    for number, row in read_rows(spec.manifest):
-        if number % 100 == 0:
-            continue
-        batch += [
-            ResultRow.for_item(item.work_item(), Status.ok, mp4_uri=f"s3://b/{item.key}.mp4", ended_at=now)
-            for item in planner.resolve(row, number)
-        ]
-        if len(batch) >= 10_000:
-            writer.add(batch)
-            done, batch = done + len(batch), []
-    writer.add(batch)
-    done += len(batch)
-    writer.close()
+    shutil.rmtree(spec.output, ignore_errors=True)
+    shutil.rmtree(spec.runs_uri, ignore_errors=True)
+    Path(spec.metadata_uri).mkdir(parents=True)
+    done = _done_metadata(spec, every) if every is not None else 0
+    before = _size(Path(spec.output).parent)
     out = subprocess.run(
-        [sys.executable, "-c", PLAN_SCRIPT, str(spec_path)], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-c", PLAN_SCRIPT, str(spec_path), mode], capture_output=True, text=True, cwd=ROOT, check=True
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"rows": rows, "done_before": done, **result}
+    return {"rows": rows, "done_before": done, "bytes_written": _size(Path(spec.output).parent) - before, **result}
 
 
 def metadata_rate(rows: int = 100_000) -> dict[str, Any]:
@@ -308,8 +356,10 @@ def main() -> None:
     results["job_1w"] = job_run(model, 1, 4)
     results["job_2w"] = job_run(model, 2, 4)
     ray.shutdown()
-    results["plan_100k"] = planning(model, 100_000)
-    results["plan_1m"] = planning(model, 1_000_000)
+    results["plan_100k"] = planning(model, 100_000, "plan", every=100)
+    results["plan_1m"] = planning(model, 1_000_000, "plan", every=100)
+    results["first_1m"] = planning(model, 1_000_000, "first", every=None)
+    results["rerun_1m"] = planning(model, 1_000_000, "run", every=0)
     results["metadata"] = metadata_rate()
     results["loading"] = loading()
     results["bench_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -322,7 +372,7 @@ def table(r: dict[str, Any]) -> str:
     j1, j2 = r["job_1w"], r["job_2w"]
     busy1 = min(j1["busy"].values())
     busy2 = ", ".join(f"{v:.2f}" for v in j2["busy"].values())
-    p1, pm = r["plan_100k"], r["plan_1m"]
+    p1, pm, f1, r1 = r["plan_100k"], r["plan_1m"], r["first_1m"], r["rerun_1m"]
     m, ld = r["metadata"], r["loading"]
     lines = [
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
@@ -338,10 +388,15 @@ def table(r: dict[str, Any]) -> str:
         f"**{r['bare_batch4_vps'] / r['bare_batch1_vps']:.2f}x** | |",
         f"| 4 scaling: 2 workers vs 1 | {j2['videos_per_s']:.3f} / {j1['videos_per_s']:.3f} = "
         f"**{j2['videos_per_s'] / j1['videos_per_s']:.2f}x** | (2 cores) |",
-        f"| 5 planning 1M rows, 990k done: seconds; driver peak RSS | **{pm['seconds']:.1f} s**; "
-        f"**{pm['peak_rss_mb']:.0f} MiB** | < 60 s; < 1 GiB |",
-        f"| 5 planning 100k rows, 99k done: seconds; peak RSS | {p1['seconds']:.1f} s; "
-        f"{p1['peak_rss_mb']:.0f} MiB | flat |",
+        f"| 5 planning 1M rows, 990k done: seconds; driver peak RSS; object store peak | "
+        f"**{pm['seconds']:.1f} s**; **{pm['peak_rss_mb']:.0f} MiB**; {pm['object_store_peak_mib']:.0f} MiB | "
+        "< 1 GiB |",
+        f"| 5 planning 100k rows, 99k done: seconds; driver peak RSS; object store peak | {p1['seconds']:.1f} s; "
+        f"{p1['peak_rss_mb']:.0f} MiB; {p1['object_store_peak_mib']:.0f} MiB | flat |",
+        f"| 5 fresh 1M-row manifest: seconds from `run` to the first committed video | "
+        f"**{f1['first_video_s']:.1f} s** | < 30 s |",
+        f"| 5 rerun of a finished 1M-row job: metadata written; rendered | "
+        f"**{r1['bytes_written'] / 1e6:.3f} MB**; {r1['counts'].get('ok', 0)} | < 1 MB; 0 |",
         f"| 6 metadata: rows/s committed; parts committed -> files after a 100k-row run | "
         f"**{m['rows_per_s']:,.0f}**; {m['parts_committed']} -> {m['files_after']} file "
         f"({m['bytes_after'] / 1e6:.1f} MB) | |",

@@ -2,7 +2,9 @@
 
 One small actor per run, on the driver's node (an actor elsewhere would die with its node
 and take the run with it). It holds
-- the drain flag: set by the driver, read by workers before each batch;
+- the drain flag: set by the driver, read by workers before each batch and by plan tasks;
+- what planning counted so far (planning.py): the driver's totals, without a row in it, and
+  how far planning is ahead of the rows the driver got back, which planning keeps bounded;
 - the rows each worker is rendering: a worker that starts a call while its previous call is
   still open must have been restarted, so the rows of that call were in flight when it died.
   Their deaths are counted per row, which is how a row that kills its worker every time is
@@ -13,6 +15,7 @@ and take the run with it). It holds
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,8 @@ class JobControl:
     draining: bool = False
     open_calls: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # worker -> (pid, keys)
     history: dict[str, History] = field(default_factory=dict)
+    plan: Counter[str] = field(default_factory=Counter)  # videos, skipped, left, handed (on to workers)
+    returned: int = 0  # rows the driver got back from the workers
 
     @staticmethod
     def name(run_id: str) -> str:
@@ -38,6 +43,18 @@ class JobControl:
 
     def drain(self) -> None:
         self.draining = True
+
+    def planned(self, counts: dict[str, int]) -> tuple[bool, int]:
+        """A plan task's counts since its last report; the answer: (draining?, items handed on
+        and not back yet)."""
+        self.plan.update(counts)
+        return self.draining, self.plan["handed"] - self.returned
+
+    def got_back(self, rows: int) -> None:
+        self.returned += rows
+
+    def plan_counts(self) -> dict[str, int]:
+        return dict(self.plan)
 
     def begin(self, worker: str, pid: int, keys: list[str], alone: bool = False) -> tuple[bool, dict[str, History]]:
         """A worker starts a call on `keys`: (draining?, the history of the batch's rows).

@@ -1,10 +1,11 @@
 """The job: spec -> plan -> render -> ledger, with progress, limits and exit codes.
 
 1. start: check the spec, storage and model, take the output's lease (exit 2 if not)
-2. plan (plan.py): stream the manifest against what earlier runs made; queue the rest
-3. render (render.py): Ray Data streams queued items through one actor per device
-4. ledger: commit each returned batch of rows to Parquet as it arrives (metadata.py), account
-   for every queued item, write the run's record and status, release the lease (ledger.py)
+2. plan (planning.py) and render (render.py): one Ray Data pipeline, in which plan tasks read
+   the manifest in pieces against what earlier runs made, and their work items stream into
+   one actor per device; the driver holds counts, never rows
+3. ledger: commit each returned batch of rows to Parquet as it arrives (metadata.py), account
+   for every planned video, write the run's record and status, release the lease (ledger.py)
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
 from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, worker_memory
 from svd_batch.errors import first_line
-from svd_batch.ledger import Lease, LeaseHeld, Progress, close_lost, progress, repair, write_record
+from svd_batch.ledger import KeySet, Lease, LeaseHeld, Progress, close_lost, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
-from svd_batch.metadata import FLUSH_ROWS, MetadataWriter, rows_to_table
-from svd_batch.plan import Planner, RowError, stand_in
-from svd_batch.render import Stalled, block, configure_ray_data, render, start_control
+from svd_batch.metadata import MetadataWriter, rows_to_table
+from svd_batch.plan import Planner, RowError
+from svd_batch.planning import PlanError, invalid_row, items_from_table, plan_dataset, prepare
+from svd_batch.render import Stalled, configure_ray_data, render, start_control
 from svd_batch.schema import JobSpec, ResultRow, RunRecord, Stage, Status, explain
 from svd_batch.storage import StorageError, local_path, open_storage
 
@@ -131,7 +133,7 @@ def new_run_id() -> str:
 def validate(spec: JobSpec) -> Iterator[RowError]:
     """Every problem in the manifest, without rendering anything."""
     planner = Planner(spec, spec.manifest, "validate", weights="")
-    nothing_earlier = Progress(frozenset(), {}, frozenset())
+    nothing_earlier = Progress(KeySet([]), {}, KeySet([]))
     try:
         for planned in planner.plan(read_rows(spec.manifest), nothing_earlier, retry_failed=False):
             if isinstance(planned, RowError):
@@ -177,10 +179,7 @@ class Job:
         self.counts: Counter[str] = Counter()
         # Failed rows of this run by (error_stage, error_type, retryable), for the summary.
         self.failures: Counter[tuple[str, str, bool]] = Counter()
-        self.total = 0
-        # Queued and not returned yet: key -> (line, id, video index, image, seed), what its
-        # failed row needs if no worker returns it (kept small: a run may queue millions).
-        self.queued: dict[str, tuple[int, str, int, str, int]] = {}
+        self.total = 0  # videos planned so far (planning reports them as it goes)
         self.stalled: str | None = None  # why the workers stopped making progress, if they did
         self.stopped: str | None = None  # why the job stopped taking rows early, if it did
         self.record: RunRecord | None = None
@@ -265,63 +264,81 @@ class Job:
             if self.handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, self._on_signal)
-            blocks = self.plan()
-            if blocks and not self.stopped:
-                self._render(blocks)
+            self._control = start_control(self.run_id, draining=self.stopped is not None)
+            self._render()
         finally:
             for timer in timers:
                 timer.cancel()
 
-    def plan(self) -> list[Any]:
-        """Queue what is not done; record rows that cannot be planned. Returns the blocks."""
+    def _render(self) -> None:
+        """Plan and render in one stream; a run stopped before it starts only plans (counting
+        what it leaves, committing invalid rows). Then account for every planned video."""
         try:
-            outputs = self.output if self.verify_outputs else None
-            earlier = progress(self.meta, list(self.spec.formats), outputs)
-        except StorageError as exc:
-            raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
-        planner = Planner(self.spec, self.spec.manifest, self.run_id, self.weights)
-        blocks, chunk, invalid = [], [], []
-        try:
-            for planned in planner.plan(read_rows(self.spec.manifest), earlier, self.retry_failed):
-                if planned is None:
-                    self.counts["skipped"] += 1
-                elif isinstance(planned, RowError):
-                    invalid.append(_invalid_row(planned, self.spec.name, self.run_id))
-                    if len(invalid) >= FLUSH_ROWS:
-                        self._commit(invalid)
-                        invalid = []
-                else:
-                    chunk.append(planned.model_dump_json())
-                    self.queued[planned.key] = (
-                        planned.line,
-                        planned.id,
-                        planned.video_index,
-                        planned.image,
-                        planned.seed,
-                    )
-                    # One block per pipeline call: Ray Data gives a whole block to one actor, so
-                    # blocks of one batch let the pool share the work evenly.
-                    if len(chunk) == self.spec.workers.batch_size:
-                        blocks.append(block(chunk))
-                        chunk = []
-        except (StorageError, ManifestError) as exc:
+            pieces, context = prepare(self.spec, self.run_id, self.weights, self.retry_failed, self.verify_outputs)
+        except PlanError as exc:
             raise JobError(str(exc)) from None
-        self._commit(invalid)
-        if chunk:
-            blocks.append(block(chunk))
-        self.total = sum(self.counts.values()) + len(self.queued)
-        return blocks
-
-    def _render(self, blocks: list[Any]) -> None:
-        self._control = start_control(self.run_id, draining=self.stopped is not None)
+        planned = plan_dataset(self.spec, pieces, context)
         try:
-            for batch in render(self.spec, blocks, self.worker_memory):
-                self._commit(batch)
-                for key in batch.column("key").to_pylist():
-                    self.queued.pop(key, None)
-                self._report("running")
+            if self.stopped:
+                for work in planned.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    self._commit([invalid_row(i, _now()) for i in items_from_table(work) if i.error is not None])
+            else:
+                for batch in render(self.spec, planned, self.worker_memory):
+                    self._commit(batch)
+                    self._control.got_back.remote(batch.num_rows)
+                    self._plan_counts()
+                    self._report("running")
         except Stalled as exc:
             self.stalled = str(exc)
+        self._account()
+
+    def _plan_counts(self) -> Counter[str]:
+        import ray
+
+        planned = Counter(ray.get(self._control.plan_counts.remote()))
+        self.total = planned["videos"]
+        if planned["skipped"]:
+            self.counts["skipped"] = planned["skipped"]
+        return planned
+
+    def _account(self) -> None:
+        """Every planned video ends made, failed, skipped or left. Those no worker returned
+        (stalled, or lost with a batch Ray Data gave up on) are planned once more, against the
+        ledger with this run's own rows counted as done, and written failed and retryable."""
+        planned = self._plan_counts()
+        unreturned = self.total - sum(self.counts.values()) - planned["left"]
+        if self.stopped:
+            if planned["left"] + unreturned:
+                self.counts["left"] += planned["left"] + unreturned
+            return
+        if not unreturned and not self.stalled:
+            return
+        reason = self.stalled or "no worker returned it"
+        stage, kind = Stage.worker, "Stalled" if self.stalled else "Lost"
+        try:
+            self.writer.flush(must=True)
+            pieces, context = prepare(
+                self.spec, self.run_id, self.weights, self.retry_failed, self.verify_outputs, exclude_run=self.run_id
+            )
+        except (StorageError, PlanError) as exc:
+            raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
+        for work in plan_dataset(self.spec, pieces, context).iter_batches(batch_size=None, batch_format="pyarrow"):
+            self._commit(
+                [
+                    invalid_row(item, _now())
+                    if item.error is not None
+                    else ResultRow.for_item(
+                        item,
+                        Status.failed,
+                        error=f"row {item.line} (id {item.id!r}): {stage}: {reason}; the next run renders it again",
+                        error_stage=stage,
+                        error_type=kind,
+                        retryable=True,
+                        ended_at=_now(),
+                    )
+                    for item in items_from_table(work)
+                ]
+            )
 
     def _commit(self, rows: pa.Table | list[ResultRow]) -> None:
         """Hand rows to the metadata writer, and count them and their failure classes."""
@@ -336,26 +353,6 @@ class Job:
         """Account for every queued item, commit, and leave the run's record and status."""
         if self.record is None:
             return
-        if self.queued and self.stopped:
-            self.counts["left"] += len(self.queued)
-        elif self.queued:
-            reason = self.stalled or "no worker returned it"
-            stage, kind = Stage.worker, "Stalled" if self.stalled else "Lost"
-            self._commit(
-                [
-                    ResultRow.for_item(
-                        stand_in(self.spec.name, self.run_id, key, *known),
-                        Status.failed,
-                        error=f"row {known[0]} (id {known[1]!r}): {stage}: {reason}; the next run renders it again",
-                        error_stage=stage,
-                        error_type=kind,
-                        retryable=True,
-                        ended_at=dt.datetime.now(dt.UTC),
-                    )
-                    for key, known in self.queued.items()
-                ]
-            )
-        self.queued = {}
         try:
             self.writer.close()
         except StorageError as exc:
@@ -437,16 +434,8 @@ class Job:
             )
 
 
-def _invalid_row(error: RowError, job: str, run_id: str) -> ResultRow:
-    return ResultRow.for_item(
-        stand_in(job, run_id, f"invalid/row-{error.line}", error.line, error.row_id or f"(row {error.line})"),
-        Status.failed,
-        error=str(error),
-        error_stage=Stage.manifest,
-        error_type="InvalidRow",
-        retryable=False,
-        ended_at=dt.datetime.now(dt.UTC),
-    )
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def exit_code(counts: Counter[str], stopped: str | None = None) -> int:

@@ -100,8 +100,11 @@ class Progress:
     final: KeySet  # failed for good: rendered again only with --retry-failed
 
 
-def progress(meta: Storage, formats: list[str], outputs: Storage | None = None) -> Progress:
-    """`outputs`: check that each done key's objects still exist (`run --verify-outputs`)."""
+def progress(
+    meta: Storage, formats: list[str], outputs: Storage | None = None, exclude_run: str | None = None
+) -> Progress:
+    """`outputs`: check that each done key's objects still exist (`run --verify-outputs`).
+    `exclude_run`: the keys that run produced count as done, whatever became of them."""
     wanted = [f"{f}_uri" for f in formats]
     table = latest(read_table(meta, ["key", "status", "retryable", "run_id", "ended_at", *wanted]))
     present = pa.array(sorted(_listing(outputs)), pa.string()) if outputs is not None else None
@@ -116,6 +119,9 @@ def progress(meta: Storage, formats: list[str], outputs: Storage | None = None) 
     count = functools.reduce(pc.add, [pc.cast(m, pa.int64()) for m in have.values()])
     done = pc.and_(ok, pc.equal(count, len(wanted)))
     partial = pc.and_(ok, pc.and_(pc.greater(count, 0), pc.less(count, len(wanted))))
+    if exclude_run is not None:
+        mine = pc.equal(table.column("run_id"), exclude_run)
+        done, partial = pc.or_(done, mine), pc.and_(partial, pc.invert(mine))
     rows = table.filter(partial)
     made = {c: m.filter(partial).to_pylist() for c, m in have.items()}
     uris = {c: rows.column(c).to_pylist() for c in wanted}

@@ -3,19 +3,28 @@
 Rows are read one at a time, so a manifest of millions of rows never sits whole in memory.
 Every problem is reported as a RowError naming the row number, the id, the field and a fix;
 a bad row never stops the rows after it.
+
+A manifest is read in pieces, so that pieces can be planned in parallel (planning.py): the
+survey cuts a JSONL file at line ends every PIECE_BYTES (CSV cells may hold line breaks, and
+Parquet needs the whole file, so those are one piece) and finds the rows whose id an earlier
+row already has, which no single piece could know.
 """
 
 from __future__ import annotations
 
+import array
 import csv
+import hashlib
 import io
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from svd_batch.plan import RowError
@@ -23,16 +32,28 @@ from svd_batch.schema import ManifestRow, explain
 from svd_batch.storage import StorageError, local_path, s3_body, split_s3
 
 PARQUET_BATCH = 4096
+PIECE_BYTES = 8 << 20
 # Rows are small (an id, a path, a few tags); a larger one is a mistake, such as a whole
 # caption file pasted into a tag, and would be copied into every metadata row it makes.
 MAX_ROW_CHARS = 64 * 1024
 Raw = dict[str, Any] | RowError
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of a manifest (end None: to its end), whose first line is line `first`."""
+
+    uri: str
+    start: int = 0
+    end: int | None = None
+    first: int = 1
+
+
 @contextmanager
-def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
+def _binary(piece: Piece) -> Iterator[io.BufferedIOBase]:
+    uri = piece.uri
     if uri.startswith("s3://"):
-        body = s3_body(uri)
+        body = s3_body(uri, piece.start, piece.end)
         try:
             yield body
         finally:
@@ -42,7 +63,11 @@ def _binary(uri: str) -> Iterator[io.BufferedIOBase]:
     if not path.is_file():
         raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
     with path.open("rb") as handle:
-        yield handle
+        if piece.start or piece.end is not None:
+            handle.seek(piece.start)
+            yield io.BytesIO(handle.read(-1 if piece.end is None else piece.end - piece.start))
+        else:
+            yield handle
 
 
 def _too_big(number: int) -> RowError:
@@ -98,9 +123,9 @@ def _parse_json(text: str) -> Any:
         raise ValueError("nested too deeply (more than about 1000 levels); rows hold flat values") from None
 
 
-def _jsonl(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
+def _jsonl(stream: io.BufferedIOBase, first: int = 1) -> Iterator[tuple[int, Raw]]:
     # newline=None accepts \n, \r\n and \r alike.
-    for number, line in enumerate(_lines(_text(stream, newline=None)), start=1):
+    for number, line in enumerate(_lines(_text(stream, newline=None)), start=first):
         if line is None:
             yield number, _too_big(number)
             continue
@@ -186,12 +211,17 @@ def _parquet(path: Path) -> Iterator[tuple[int, Raw]]:
             yield number, {key: value for key, value in record.items() if value is not None}
 
 
-def read_raw(uri: str) -> Iterator[tuple[int, Raw]]:
-    """(row number, raw row or the reason it could not be parsed), streaming."""
+def _suffix(uri: str) -> str:
     suffix = Path(split_s3(uri)[1] if uri.startswith("s3://") else uri).suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
         raise StorageError(f"manifest {uri}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
-    with _binary(uri) as stream:
+    return suffix
+
+
+def read_raw(piece: Piece) -> Iterator[tuple[int, Raw]]:
+    """(row number, raw row or the reason it could not be parsed), streaming."""
+    suffix = _suffix(piece.uri)
+    with _binary(piece) as stream:
         if suffix == ".parquet":
             with tempfile.NamedTemporaryFile(suffix=".parquet") as local:
                 # Parquet needs random access; fetch once, then read it batch by batch.
@@ -202,18 +232,69 @@ def read_raw(uri: str) -> Iterator[tuple[int, Raw]]:
         elif suffix == ".csv":
             yield from _csv(stream)
         else:
-            yield from _jsonl(stream)
+            yield from _jsonl(stream, piece.first)
 
 
 class ManifestError(ValueError):
     """The manifest as a whole cannot be used (as opposed to one of its rows)."""
 
 
-def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
-    """Validated rows; the second occurrence of an id is an error, never a silent overwrite."""
-    seen: set[str] = set()
-    number = 0
-    for number, raw in read_raw(uri):
+@dataclass(frozen=True)
+class Survey:
+    pieces: list[Piece]
+    duplicates: np.ndarray  # row numbers whose id an earlier row has (sorted int64)
+
+
+def _lines_in(data: bytes) -> int:
+    # What a universal-newline reader counts: \n, \r\n and a lone \r each end a line.
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
+def cut(uri: str, size: int) -> list[Piece]:
+    pieces, start, first, pending = [], 0, 1, b""
+    with _binary(Piece(uri)) as stream:
+        while block := stream.read(size):
+            pending += block
+            cut = pending.rfind(b"\n") + 1  # never inside \r\n, and a piece ends a line
+            if not cut:
+                continue
+            pieces.append(Piece(uri, start, start + cut, first))
+            start, first, pending = start + cut, first + _lines_in(pending[:cut]), pending[cut:]
+    if pending or not pieces:
+        pieces.append(Piece(uri, start, None, first))
+    return pieces
+
+
+def _id_hash(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
+    """The manifest's pieces, and its duplicate ids: a row whose id an earlier row has (valid
+    or not) is the duplicate, so the answer never depends on how the manifest was cut."""
+    pieces = cut(uri, piece_bytes) if _suffix(uri) in (".jsonl", ".ndjson", ".json") else [Piece(uri)]
+    hashes, numbers = array.array("Q"), array.array("q")
+    rows = 0
+    for number, raw in read_raw(Piece(uri)):
+        rows += 1
+        if isinstance(raw, dict) and (found := _id_hash(raw.get("id"))) is not None:
+            hashes.append(found)
+            numbers.append(number)
+    if not rows:
+        raise ManifestError(f"manifest {uri} has no rows; add one JSON object (or CSV/Parquet row) per input image")
+    keyed = np.frombuffer(hashes, np.uint64)
+    later = np.ones(len(keyed), bool)
+    later[np.unique(keyed, return_index=True)[1]] = False  # the first row of each id
+    return Survey(pieces, np.sort(np.frombuffer(numbers, np.int64)[later]))
+
+
+def read_piece(piece: Piece, duplicates: Collection[int]) -> Iterator[tuple[int, ManifestRow | RowError]]:
+    """Validated rows of one piece; `duplicates` (Survey.duplicates) fail as duplicate ids."""
+    for number, raw in read_raw(piece):
         if not isinstance(raw, RowError) and (bad := _not_text(raw)):  # any format, any field
             raw = _row_error(number, bad)
         if isinstance(raw, RowError):
@@ -228,10 +309,15 @@ def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
             field, reason = explain(exc, ManifestRow)[0]
             yield number, RowError(number, row_id if isinstance(row_id, str) else None, field, reason)
             continue
-        if row.id in seen:
+        if number in duplicates:
             yield number, RowError(number, row.id, "id", "duplicate id; every row needs its own id")
             continue
-        seen.add(row.id)
         yield number, row
-    if not number:
-        raise ManifestError(f"manifest {uri} has no rows; add one JSON object (or CSV/Parquet row) per input image")
+
+
+def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
+    """Every validated row of a manifest, in one process (validate, render, tests)."""
+    found = survey(uri)
+    duplicates = frozenset(found.duplicates.tolist())
+    for piece in found.pieces:
+        yield from read_piece(piece, duplicates)

@@ -62,33 +62,6 @@ class RowError(ValueError):
         super().__init__(f"row {line} (id {row_id!r}): {field}: {reason}")
 
 
-def stand_in(
-    job: str,
-    run_id: str,
-    key: str,
-    line: int,
-    row_id: str,
-    video_index: int = 0,
-    image: str = "",
-    seed: int | None = None,
-) -> WorkItem:
-    """A work item with only what a failed row needs, for a row that cannot be planned or that
-    no worker returned: its failure then has a row like any other (ResultRow.for_item)."""
-    return WorkItem.model_construct(
-        job=job,
-        run_id=run_id,
-        line=line,
-        id=row_id,
-        video_index=video_index,
-        key=key,
-        image=image,
-        seed=seed,
-        params=None,
-        tags=None,
-        kept={},
-    )
-
-
 def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 

@@ -1,8 +1,8 @@
 """The render stage: work items through Ray Data, over one actor per device, to result rows.
 
-Ray Data streams the queued blocks to the pool with backpressure, restarts a worker that
-dies and retries its batch; the run's JobControl actor (control.py) carries drain requests
-and per-row death counts between the driver and the workers.
+Ray Data streams the planning stage's blocks to the pool with backpressure, restarts a
+worker that dies and retries its batch; the run's JobControl actor (control.py) carries
+drain requests, planning counts and per-row death counts between driver, planning and workers.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def configure_ray_data(spec: JobSpec) -> None:
     context.max_errored_blocks = -1
 
 
-def render(spec: JobSpec, blocks: list[Any], worker_memory: int) -> Iterator[pa.Table]:
-    """Result rows, a batch at a time, as workers return them; raises Stalled."""
+def render(spec: JobSpec, planned: Any, worker_memory: int) -> Iterator[pa.Table]:
+    """Result rows of the planned dataset, a batch at a time, as workers return them; raises Stalled."""
     import ray
     from ray.data.exceptions import ExecutionTimeoutError
 
@@ -57,7 +57,7 @@ def render(spec: JobSpec, blocks: list[Any], worker_memory: int) -> Iterator[pa.
 
     workers = spec.workers
     resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
-    ds = ray.data.from_arrow_refs(blocks).map_batches(
+    ds = planned.map_batches(
         worker_class(spec.model_dump_json()),
         batch_size=workers.batch_size,
         batch_format="pyarrow",
@@ -78,10 +78,3 @@ def render(spec: JobSpec, blocks: list[Any], worker_memory: int) -> Iterator[pa.
             f"no worker made progress for {workers.no_progress_timeout_s:.0f} s; check that the cluster "
             f"has {workers.count} x {wanted} free (`ray status`)"
         ) from None
-
-
-def block(items: list[str]) -> Any:
-    """One Arrow block of work items (JSON) in the object store."""
-    import ray
-
-    return ray.put(pa.table({"item": items}))

@@ -238,7 +238,7 @@ def runs_location(metadata_uri: str) -> str:
 
 
 class WorkItem(BaseModel):
-    """One video to make: what the driver hands a worker (small; crosses Ray's object store)."""
+    """One video to make: what planning hands a worker, as a row of WORK_SCHEMA."""
 
     job: str
     run_id: str
@@ -252,6 +252,9 @@ class WorkItem(BaseModel):
     tags: str | None = None
     # URIs of the formats an earlier run already made (`mp4_uri` -> ...): only the others are written.
     kept: dict[str, str] = Field(default_factory=dict)
+    # A row that cannot be planned travels as an item with only this (and no params), so that
+    # its failed row is committed with every other row: the worker passes it on, unrendered.
+    error: str | None = None
 
 
 class Status(StrEnum):
@@ -388,6 +391,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
         return pa.string()
     if origin is list:
         return pa.list_(_arrow_type(args[0]))
+    if origin is dict:
+        return pa.map_(_arrow_type(args[0]), _arrow_type(args[1]))
     if isinstance(annotation, type):
         if issubclass(annotation, BaseModel):
             return pa.struct([pa.field(n, _arrow_type(f.annotation)) for n, f in annotation.model_fields.items()])
@@ -409,6 +414,7 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
 
 
 RESULT_SCHEMA = arrow_schema(ResultRow)
+WORK_SCHEMA = arrow_schema(WorkItem)
 
 
 def did_you_mean(name: str, model: type[BaseModel]) -> str:

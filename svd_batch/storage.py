@@ -252,11 +252,13 @@ def local_path(uri: str, base: Path | None = None) -> Path:
     return path.expanduser().resolve()
 
 
-def s3_body(uri: str):  # type: ignore[no-untyped-def]
-    """The streaming body of an `s3://` object; errors name the URI and why."""
+def s3_body(uri: str, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
+    """The streaming body of an `s3://` object, or of its bytes [start, end); errors name the
+    URI and why."""
     bucket, key = split_s3(uri)
+    ranged = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
     try:
-        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        return _s3_client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
     except Exception as exc:
         raise _s3_error(f"cannot read {uri}", exc) from exc
 

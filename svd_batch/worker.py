@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import os
 import resource
 import socket
@@ -33,7 +32,8 @@ from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
 from svd_batch.inputs import InputPolicy
 from svd_batch.metadata import rows_to_table
-from svd_batch.schema import RESULT_SCHEMA, Format, JobSpec, ResultRow, Stage, Status, WorkItem
+from svd_batch.planning import invalid_row, items_from_table
+from svd_batch.schema import Format, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import open_storage
 
 
@@ -211,10 +211,6 @@ class RowWorker:
         row.retryable = is_retryable(exc)
 
 
-def items_from_table(table: pa.Table) -> list[WorkItem]:
-    return [WorkItem.model_validate(json.loads(raw)) for raw in table.column("item").to_pylist()]
-
-
 class RayWorker:
     """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items.
 
@@ -237,20 +233,22 @@ class RayWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = items_from_table(batch)
+        invalid = [invalid_row(i, _now()) for i in items if i.error is not None]
+        items = [i for i in items if i.error is None]
         if not items:
-            return RESULT_SCHEMA.empty_table()
+            return rows_to_table(invalid)
         control = _control(items[0].run_id)
         answer = self._tell(control, "begin", os.getpid(), [i.key for i in items])
         draining, history = answer if answer is not None else (False, {})
         if draining:
-            return RESULT_SCHEMA.empty_table()  # not started: left for the next run
+            return rows_to_table(invalid)  # the rest not started: left for the next run
         if not history:
             try:
                 with self._watchdog(control, len(items)):
-                    return rows_to_table(self.worker.process(items))
+                    return rows_to_table(invalid + self.worker.process(items))
             finally:
                 self._tell(control, "end")
-        return rows_to_table(self._one_by_one(control, items, history))
+        return rows_to_table(invalid + self._one_by_one(control, items, history))
 
     def _one_by_one(self, control: Any, items: list[WorkItem], history: dict[str, History]) -> list[ResultRow]:
         rows = []
