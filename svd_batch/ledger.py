@@ -88,7 +88,8 @@ class KeySet:
 
 
 def key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    # surrogatepass: a manifest id may hold a lone surrogate, and is hashed all the same.
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import csv
-import hashlib
 import io
 import json
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from svd_batch.ledger import key_hash
 from svd_batch.plan import RowError
 from svd_batch.schema import ManifestRow, explain
 from svd_batch.storage import StorageError, local_path, s3_body, split_s3
@@ -255,11 +255,11 @@ def cut(uri: str, size: int) -> list[Piece]:
     with _binary(Piece(uri)) as stream:
         while block := stream.read(size):
             pending += block
-            cut = pending.rfind(b"\n") + 1  # never inside \r\n, and a piece ends a line
-            if not cut:
+            end = pending.rfind(b"\n") + 1  # never inside \r\n, and a piece ends a line
+            if not end:
                 continue
-            pieces.append(Piece(uri, start, start + cut, first))
-            start, first, pending = start + cut, first + _lines_in(pending[:cut]), pending[cut:]
+            pieces.append(Piece(uri, start, start + end, first))
+            start, first, pending = start + end, first + _lines_in(pending[:end]), pending[end:]
     if pending or not pieces:
         pieces.append(Piece(uri, start, None, first))
     return pieces
@@ -268,9 +268,7 @@ def cut(uri: str, size: int) -> list[Piece]:
 def _id_hash(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str):
-        return None
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return key_hash(value) if isinstance(value, str) else None
 
 
 def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:

@@ -177,7 +177,7 @@ def plan_dataset(spec: JobSpec, pieces: list[Piece], context: PlanContext) -> An
         batch_format="pyarrow",
         fn_kwargs={"context": context},
         num_cpus=PLAN_CPUS,
-        concurrency=PLAN_TASKS,
+        concurrency=min(PLAN_TASKS, len(pieces)),  # more than it has inputs, and Ray Data warns
     ).repartition(target_num_rows_per_block=spec.workers.batch_size)
 
 
