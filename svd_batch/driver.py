@@ -350,7 +350,7 @@ class Job:
         self.failures.update((s, t, bool(r)) for s, t, r in zip(*columns, strict=True))
 
     def _finish(self, state: str) -> None:
-        """Account for every queued item, commit, and leave the run's record and status."""
+        """Commit what is buffered, and leave the run's record and status."""
         if self.record is None:
             return
         try:

@@ -358,7 +358,7 @@ class RunRecord(BaseModel):
     host: str
     pid: int
     # ok / failed: rows this run produced; skipped: done (or failed for good) before it;
-    # left: queued but not started when a deadline or signal stopped it.
+    # left: planned but not started when a deadline or signal stopped it.
     counts: dict[str, int] = Field(default_factory=dict)
     started_at: dt.datetime
     ended_at: dt.datetime | None = None
