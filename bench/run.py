@@ -2,14 +2,16 @@
 
 Everything runs in one go on this machine with the tiny model, and is printed as a table and
 written to bench/results/latest.json. Nothing here is asserted: the numbers are reported.
+`python -m bench.run planning` (or jobs, metadata, loading) runs some sections only, and the
+table says when each section last ran.
 
 1 overhead   1-worker job (Ray, encode, upload) vs a bare in-process loop over the same rows
 2 busy       per worker: time inside the pipeline call / wall time while it has work
 3 batching   bare loop, 4 rows per call vs 1
 4 scaling    2 workers vs 1
-5 planning   1,000,000-row manifest with 990,000 done: plan time, driver peak RSS and the
-             object store's peak (and 100k); a fresh 1M manifest: seconds to the first video;
-             a rerun of a finished 1M job: metadata bytes it writes
+5 planning   100k, 1M and 10M-row manifests, 99% done: plan time, driver peak RSS and the
+             object store's peak; a fresh 1M manifest: seconds to the first video; a rerun
+             of a finished 1M job: metadata bytes it writes
 6 metadata   rows/s committed to Parquet; part files after a 100k-row run
 7 loading    full-size SVD-XT (random weights, built once into .cache/svd-xt): a loading
              process's peak RSS / the size of its weights, and the load time
@@ -21,7 +23,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -148,28 +149,44 @@ print(json.dumps({"seconds": time.perf_counter() - start, "first_video_s": first
 """
 
 
-def _done_metadata(spec: Any, every: int) -> int:
-    """An earlier run's metadata, written straight as Arrow: an `ok` row for every row but each
-    `every`-th (0: every row). Keys come from the planner, so they are the ones a run looks for."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from svd_batch.driver import new_run_id
-    from svd_batch.engine.loader import check_model_dir, fingerprint
-    from svd_batch.manifest import read_rows
+def _piece_keys(spec: Any, run_id: str, weights: str, piece: Any, every: int) -> tuple[list[str], list[str]]:
+    from svd_batch.manifest import read_piece
     from svd_batch.plan import Planner
-    from svd_batch.schema import RESULT_SCHEMA
 
-    run_id = new_run_id()
-    weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
     planner = Planner(spec, spec.manifest, run_id, weights)
     keys, ids = [], []
-    for number, row in read_rows(spec.manifest):
+    for number, row in read_piece(piece, ()):
         if every and number % every == 0:
             continue
         for video in planner.resolve(row, number):
             keys.append(video.key)
             ids.append(video.id)
+    return keys, ids
+
+
+def _done_metadata(spec: Any, every: int) -> int:
+    """An earlier run's metadata, written straight as Arrow: an `ok` row for every row but each
+    `every`-th (0: every row). Keys come from the per-row planner (plan.Planner.resolve, in two
+    processes), so they are the ones a run looks for, found without the columnar planner."""
+    import functools
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from svd_batch.driver import new_run_id
+    from svd_batch.engine.loader import check_model_dir, fingerprint
+    from svd_batch.manifest import survey
+    from svd_batch.schema import RESULT_SCHEMA
+
+    run_id = new_run_id()
+    weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
+    keys, ids = [], []
+    work = functools.partial(_piece_keys, spec, run_id, weights, every=every)
+    with ProcessPoolExecutor(2) as pool:
+        for piece_keys, piece_ids in pool.map(work, survey(spec.manifest).pieces):
+            keys += piece_keys
+            ids += piece_ids
     n = len(keys)
     columns = {
         "job": pa.array([spec.name] * n),
@@ -343,28 +360,46 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+SECTIONS = ("jobs", "planning", "metadata", "loading")
+
+
+def main(sections: list[str]) -> None:
+    """Run the named sections (all by default); a partial run keeps the other sections'
+    last results in latest.json, and the table says when each section ran."""
     import ray
 
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown bench section {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    sections = sections or list(SECTIONS)
+    latest = RESULTS / "latest.json"
+    partial = latest.exists() and len(sections) < len(SECTIONS)
+    results: dict[str, Any] = json.loads(latest.read_text()) if partial else {}
+    results.update({"machine": machine(), "rows": ROWS, "params": PARAMS})
+    ran = results.setdefault("ran", {})
     model = tiny_model()
-    results: dict[str, Any] = {"machine": machine(), "rows": ROWS, "params": PARAMS}
-    results["bare_batch1_vps"] = bare_loop(model, 1)
-    results["bare_batch4_vps"] = bare_loop(model, 4)
-    from svd_batch import WORKER_ENV
+    if "jobs" in sections:
+        results["bare_batch1_vps"] = bare_loop(model, 1)
+        results["bare_batch4_vps"] = bare_loop(model, 4)
+        from svd_batch import WORKER_ENV
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
-    results["job_1w"] = job_run(model, 1, 4)
-    results["job_2w"] = job_run(model, 2, 4)
-    ray.shutdown()
-    results["plan_100k"] = planning(model, 100_000, "plan", every=100)
-    results["plan_1m"] = planning(model, 1_000_000, "plan", every=100)
-    results["first_1m"] = planning(model, 1_000_000, "first", every=None)
-    results["rerun_1m"] = planning(model, 1_000_000, "run", every=0)
-    results["metadata"] = metadata_rate()
-    results["loading"] = loading()
-    results["bench_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+        results["job_1w"] = job_run(model, 1, 4)
+        results["job_2w"] = job_run(model, 2, 4)
+        ray.shutdown()
+    if "planning" in sections:
+        results["plan_100k"] = planning(model, 100_000, "plan", every=100)
+        results["plan_1m"] = planning(model, 1_000_000, "plan", every=100)
+        results["plan_10m"] = planning(model, 10_000_000, "plan", every=100)
+        results["first_1m"] = planning(model, 1_000_000, "first", every=None)
+        results["rerun_1m"] = planning(model, 1_000_000, "run", every=0)
+    if "metadata" in sections:
+        results["metadata"] = metadata_rate()
+    if "loading" in sections:
+        results["loading"] = loading()
+    ran.update(dict.fromkeys(sections, results["machine"]["date"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    latest.write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
 
 
@@ -372,11 +407,12 @@ def table(r: dict[str, Any]) -> str:
     j1, j2 = r["job_1w"], r["job_2w"]
     busy1 = min(j1["busy"].values())
     busy2 = ", ".join(f"{v:.2f}" for v in j2["busy"].values())
-    p1, pm, f1, r1 = r["plan_100k"], r["plan_1m"], r["first_1m"], r["rerun_1m"]
+    p1, pm, p10, f1, r1 = r["plan_100k"], r["plan_1m"], r["plan_10m"], r["first_1m"], r["rerun_1m"]
     m, ld = r["metadata"], r["loading"]
     lines = [
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
-        f"ray {r['machine']['ray']}; {r['machine']['date']}",
+        f"ray {r['machine']['ray']}; sections run "
+        + ", ".join(f"{name} {when}" for name, when in r.get("ran", {}).items()),
         f"tiny model, {r['rows']} rows, {r['params']}",
         "",
         "| measure | value | target |",
@@ -388,11 +424,13 @@ def table(r: dict[str, Any]) -> str:
         f"**{r['bare_batch4_vps'] / r['bare_batch1_vps']:.2f}x** | |",
         f"| 4 scaling: 2 workers vs 1 | {j2['videos_per_s']:.3f} / {j1['videos_per_s']:.3f} = "
         f"**{j2['videos_per_s'] / j1['videos_per_s']:.2f}x** | (2 cores) |",
+        f"| 5 planning 10M rows, 9.9M done: seconds; driver peak RSS; object store peak | "
+        f"**{p10['seconds']:.1f} s**; **{p10['peak_rss_mb']:.0f} MiB**; {p10['object_store_peak_mib']:.0f} MiB | "
+        "< 120 s; < 1 GiB |",
         f"| 5 planning 1M rows, 990k done: seconds; driver peak RSS; object store peak | "
-        f"**{pm['seconds']:.1f} s**; **{pm['peak_rss_mb']:.0f} MiB**; {pm['object_store_peak_mib']:.0f} MiB | "
-        "< 1 GiB |",
+        f"{pm['seconds']:.1f} s; {pm['peak_rss_mb']:.0f} MiB; {pm['object_store_peak_mib']:.0f} MiB | |",
         f"| 5 planning 100k rows, 99k done: seconds; driver peak RSS; object store peak | {p1['seconds']:.1f} s; "
-        f"{p1['peak_rss_mb']:.0f} MiB; {p1['object_store_peak_mib']:.0f} MiB | flat |",
+        f"{p1['peak_rss_mb']:.0f} MiB; {p1['object_store_peak_mib']:.0f} MiB | RSS flat |",
         f"| 5 fresh 1M-row manifest: seconds from `run` to the first committed video | "
         f"**{f1['first_video_s']:.1f} s** | < 30 s |",
         f"| 5 rerun of a finished 1M-row job: metadata written; rendered | "
@@ -408,4 +446,4 @@ def table(r: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    main()
+    main(sys.argv[1:])

@@ -60,6 +60,12 @@ class InputPolicy:
         if not any(_under(self._normal(uri), root) for root in self.allow):
             self._refuse(uri)
 
+    def covers(self, prefix: str) -> bool:
+        """Whether `check` passes prefix + name for every plain name (no dot segments, no
+        slashes at either end): so planning can check a folder once, not every row in it."""
+        probe = prefix + "x"
+        return self._normal(probe) == probe and any(prefix.startswith(root.rstrip("/") + "/") for root in self.allow)
+
     def _refuse(self, uri: str) -> None:
         raise InputError(
             f"{uri} is outside inputs.allow ({', '.join(self.allow)}); to let rows read there, add "

@@ -1,8 +1,9 @@
 """Stream manifest rows (JSONL, CSV or Parquet; local or s3://) and validate each one.
 
-Rows are read one at a time, so a manifest of millions of rows never sits whole in memory.
-Every problem is reported as a RowError naming the row number, the id, the field and a fix;
-a bad row never stops the rows after it.
+Rows are read one at a time, or a JSONL piece at a time as Arrow columns (read_table, which
+declines any piece it might read differently), so a manifest of millions of rows never sits
+whole in memory. Every problem is reported as a RowError naming the row number, the id, the
+field and a fix; a bad row never stops the rows after it.
 
 A manifest is read in pieces, so that pieces can be planned in parallel (planning.py): the
 survey cuts a JSONL file at line ends every PIECE_BYTES (CSV cells may hold line breaks, and
@@ -16,6 +17,7 @@ import array
 import csv
 import io
 import json
+import re
 import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.json as pj
 from pydantic import ValidationError
 
-from svd_batch.ledger import key_hash
 from svd_batch.plan import RowError
-from svd_batch.schema import ManifestRow, explain
+from svd_batch.schema import RENDER_FIELDS, ManifestRow, explain
 from svd_batch.storage import StorageError, local_path, s3_body, split_s3
 
 PARQUET_BATCH = 4096
@@ -37,6 +40,10 @@ PIECE_BYTES = 8 << 20
 # caption file pasted into a tag, and would be copied into every metadata row it makes.
 MAX_ROW_CHARS = 64 * 1024
 Raw = dict[str, Any] | RowError
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WHITESPACE = np.array([9, 10, 13, 32], np.uint8)  # what JSON allows between values
+_NULL_KEY = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*null')
+_NULLABLE = frozenset({"seed", *RENDER_FIELDS}).__contains__  # null there means absent
 
 
 @dataclass(frozen=True)
@@ -96,14 +103,13 @@ def _not_text(value: Any, where: str = "") -> str | None:
     """Where a value holds something that is not text: a byte that was not UTF-8, or a lone
     surrogate (JSON allows the escape \\ud800; no UTF-8 file or Parquet column can hold it)."""
     if isinstance(value, str):
-        for column, char in enumerate(value, start=1):
-            code = ord(char)
+        if found := _SURROGATE.search(value):
+            code, column = ord(found.group()), found.start() + 1
             if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte that was not UTF-8
                 reason = f"byte 0x{code - 0xDC00:02X} at column {column} is not UTF-8; save the manifest as UTF-8"
                 return f"{where or '(line)'}: {reason}"
-            if 0xD800 <= code <= 0xDFFF:
-                reason = f"lone surrogate U+{code:04X} at column {column}; write the character itself"
-                return f"{where or '(line)'}: {reason}"
+            reason = f"lone surrogate U+{code:04X} at column {column}; write the character itself"
+            return f"{where or '(line)'}: {reason}"
     elif isinstance(value, dict):
         for key, item in value.items():
             found = _not_text(key, where) or _not_text(item, f"{where}.{key}" if where else str(key))
@@ -123,29 +129,30 @@ def _parse_json(text: str) -> Any:
         raise ValueError("nested too deeply (more than about 1000 levels); rows hold flat values") from None
 
 
-def _jsonl(stream: io.BufferedIOBase, first: int = 1) -> Iterator[tuple[int, Raw]]:
+def jsonl_rows(stream: io.BufferedIOBase, first: int = 1) -> Iterator[tuple[int, Raw]]:
     # newline=None accepts \n, \r\n and \r alike.
     for number, line in enumerate(_lines(_text(stream, newline=None)), start=first):
-        if line is None:
-            yield number, _too_big(number)
-            continue
-        if not line.strip():
-            continue
-        if bad := _not_text(line):
-            yield number, _row_error(number, bad)
-            continue
-        try:
-            value = _parse_json(line)
-        except json.JSONDecodeError as exc:
-            yield number, RowError(number, None, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        except ValueError as exc:
-            yield number, RowError(number, None, "(line)", str(exc))
-            continue
-        if not isinstance(value, dict):
-            yield number, RowError(number, None, "(line)", 'a row must be a JSON object: {"id": ..., "image": ...}')
-            continue
-        yield number, value
+        if (raw := jsonl_row(number, line)) is not None:
+            yield number, raw
+
+
+def jsonl_row(number: int, line: str | None) -> Raw | None:
+    """One JSONL line (None: too long to hold) as a raw row, or None for a blank line."""
+    if line is None:
+        return _too_big(number)
+    if not line.strip():
+        return None
+    if bad := _not_text(line):
+        return _row_error(number, bad)
+    try:
+        value = _parse_json(line)
+    except json.JSONDecodeError as exc:
+        return RowError(number, None, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except ValueError as exc:
+        return RowError(number, None, "(line)", str(exc))
+    if not isinstance(value, dict):
+        return RowError(number, None, "(line)", 'a row must be a JSON object: {"id": ..., "image": ...}')
+    return value
 
 
 def _row_error(number: int, problem: str) -> RowError:
@@ -232,7 +239,48 @@ def read_raw(piece: Piece) -> Iterator[tuple[int, Raw]]:
         elif suffix == ".csv":
             yield from _csv(stream)
         else:
-            yield from _jsonl(stream, piece.first)
+            yield from jsonl_rows(stream, piece.first)
+
+
+@dataclass(frozen=True)
+class Lines:
+    """The piece's lines that hold something: byte ranges and line numbers."""
+
+    starts: np.ndarray
+    stops: np.ndarray
+    numbers: np.ndarray
+
+
+def lines_of(data: bytes, first: int) -> Lines:
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], ends + 1))
+    stops = np.concatenate((ends, [len(buf)]))
+    # A line that starts with what JSON calls whitespace is rare; only those are looked at whole.
+    keep = stops > starts
+    keep[keep] = ~np.isin(buf[starts[keep]], _WHITESPACE)
+    for at in np.flatnonzero(~keep & (stops > starts)):
+        keep[at] = bool(data[starts[at] : stops[at]].strip(b" \t\r\n"))
+    return Lines(starts[keep], stops[keep], first + np.flatnonzero(keep))
+
+
+def read_table(data: bytes, lines: Lines) -> pa.Table | None:
+    """The piece as Arrow columns, or None where pyarrow's reading could differ from the
+    per-row reader's."""
+    if not len(lines.numbers) or data.startswith(b"\xef\xbb\xbf") or data.count(b"\r") != data.count(b"\r\n"):
+        return None
+    if (lines.stops - lines.starts).max() > MAX_ROW_CHARS:
+        return None
+    if b"null" in data and not all(_NULLABLE(k.group(1).decode(errors="replace")) for k in _NULL_KEY.finditer(data)):
+        return None
+    try:
+        data.decode()  # pyarrow does not check that strings are UTF-8
+        options = pj.ReadOptions(use_threads=False, block_size=len(data) + 1)  # one block: one type a column
+        table = pj.read_json(io.BytesIO(data), read_options=options)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return None
+    # Two objects on one line are two rows to pyarrow and one bad line to the per-row reader.
+    return table if table.num_rows == len(lines.numbers) else None
 
 
 class ManifestError(ValueError):
@@ -250,41 +298,88 @@ def _lines_in(data: bytes) -> int:
     return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
 
 
-def cut(uri: str, size: int) -> list[Piece]:
-    pieces, start, first, pending = [], 0, 1, b""
+def _cut(uri: str, size: int) -> Iterator[tuple[Piece, bytes]]:
+    start, first, pending = 0, 1, b""
     with _binary(Piece(uri)) as stream:
         while block := stream.read(size):
             pending += block
             end = pending.rfind(b"\n") + 1  # never inside \r\n, and a piece ends a line
             if not end:
                 continue
-            pieces.append(Piece(uri, start, start + end, first))
+            yield Piece(uri, start, start + end, first), pending[:end]
             start, first, pending = start + end, first + _lines_in(pending[:end]), pending[end:]
-    if pending or not pieces:
-        pieces.append(Piece(uri, start, None, first))
-    return pieces
+    if pending or not start:
+        yield Piece(uri, start, None, first), pending
 
 
-def _id_hash(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    return key_hash(value) if isinstance(value, str) else None
+def cut(uri: str, size: int) -> list[Piece]:
+    return [piece for piece, _ in _cut(uri, size)]
+
+
+def is_jsonl(uri: str) -> bool:
+    return _suffix(uri) in (".jsonl", ".ndjson", ".json")
+
+
+def piece_data(piece: Piece) -> bytes:
+    with _binary(piece) as stream:
+        return stream.read()
+
+
+def _id_hashes(ids: list[str] | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of ids, compared only with each other (pandas' vectorised hash: the
+    survey hashes every id of the manifest in one task)."""
+    from pandas.util import hash_array
+
+    values = ids.to_numpy(zero_copy_only=False) if isinstance(ids, pa.ChunkedArray) else np.array(ids, object)
+    try:
+        return hash_array(values, categorize=False)
+    except UnicodeEncodeError:  # an id may hold a lone surrogate (a JSON escape), hashed all the same
+        return hash_array(np.array([i.encode("utf-8", "surrogatepass") for i in values], object), categorize=False)
+
+
+def _ids(rows: Iterator[tuple[int, Raw]]) -> tuple[np.ndarray, list[int], int]:
+    ids, numbers, count = [], [], 0
+    for number, raw in rows:
+        count += 1
+        value = raw.get("id") if isinstance(raw, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str):
+            ids.append(value)
+            numbers.append(number)
+    return _id_hashes(ids), numbers, count
+
+
+def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
+    """The id hashes and row numbers of a JSONL piece, and its row count; read as Arrow
+    columns where pyarrow reads the ids exactly (strings or int64), else row by row."""
+    lines = lines_of(data, first)
+    table = read_table(data, lines)
+    ids = table.column("id") if table is not None and "id" in table.column_names else None
+    if table is not None and ids is None:
+        return _id_hashes([]), [], table.num_rows
+    if table is None or not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
+        return _ids(jsonl_rows(io.BytesIO(data), first))
+    present = ids.is_valid()
+    hashes = _id_hashes(ids.filter(present).cast(pa.string()))
+    return hashes, lines.numbers[present.to_numpy(zero_copy_only=False)].tolist(), table.num_rows
 
 
 def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
     """The manifest's pieces, and its duplicate ids: a row whose id an earlier row has (valid
-    or not) is the duplicate, so the answer never depends on how the manifest was cut."""
-    pieces = cut(uri, piece_bytes) if _suffix(uri) in (".jsonl", ".ndjson", ".json") else [Piece(uri)]
-    hashes, numbers = array.array("Q"), array.array("q")
-    rows = 0
-    for number, raw in read_raw(Piece(uri)):
-        rows += 1
-        if isinstance(raw, dict) and (found := _id_hash(raw.get("id"))) is not None:
-            hashes.append(found)
-            numbers.append(number)
+    or not) is the duplicate, so the answer never depends on how the manifest was cut.
+    One read of the manifest."""
+    hashes, numbers = [], array.array("q")
+    pieces, rows = [], 0
+    parts = ((p, _piece_ids(data, p.first)) for p, data in _cut(uri, piece_bytes)) if is_jsonl(uri) else None
+    for piece, (found, at, count) in parts or [(Piece(uri), _ids(read_raw(Piece(uri))))]:
+        pieces.append(piece)
+        hashes.append(found)
+        numbers.extend(at)
+        rows += count
     if not rows:
         raise ManifestError(f"manifest {uri} has no rows; add one JSON object (or CSV/Parquet row) per input image")
-    keyed = np.frombuffer(hashes, np.uint64)
+    keyed = np.concatenate(hashes)
     later = np.ones(len(keyed), bool)
     later[np.unique(keyed, return_index=True)[1]] = False  # the first row of each id
     return Survey(pieces, np.sort(np.frombuffer(numbers, np.int64)[later]))
@@ -293,24 +388,25 @@ def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
 def read_piece(piece: Piece, duplicates: Collection[int]) -> Iterator[tuple[int, ManifestRow | RowError]]:
     """Validated rows of one piece; `duplicates` (Survey.duplicates) fail as duplicate ids."""
     for number, raw in read_raw(piece):
-        if not isinstance(raw, RowError) and (bad := _not_text(raw)):  # any format, any field
-            raw = _row_error(number, bad)
-        if isinstance(raw, RowError):
-            yield number, raw
-            continue
-        row_id = raw.get("id")
-        if isinstance(row_id, int):
-            raw["id"] = row_id = str(row_id)
-        try:
-            row = ManifestRow.model_validate(raw)
-        except ValidationError as exc:
-            field, reason = explain(exc, ManifestRow)[0]
-            yield number, RowError(number, row_id if isinstance(row_id, str) else None, field, reason)
-            continue
-        if number in duplicates:
-            yield number, RowError(number, row.id, "id", "duplicate id; every row needs its own id")
-            continue
-        yield number, row
+        yield number, validate(number, raw, duplicates)
+
+
+def validate(number: int, raw: Raw, duplicates: Collection[int]) -> ManifestRow | RowError:
+    if not isinstance(raw, RowError) and (bad := _not_text(raw)):  # any format, any field
+        raw = _row_error(number, bad)
+    if isinstance(raw, RowError):
+        return raw
+    row_id = raw.get("id")
+    if isinstance(row_id, int):
+        raw["id"] = row_id = str(row_id)
+    try:
+        row = ManifestRow.model_validate(raw)
+    except ValidationError as exc:
+        field, reason = explain(exc, ManifestRow)[0]
+        return RowError(number, row_id if isinstance(row_id, str) else None, field, reason)
+    if number in duplicates:
+        return RowError(number, row.id, "id", "duplicate id; every row needs its own id")
+    return row
 
 
 def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:

@@ -62,7 +62,7 @@ class RowError(ValueError):
         super().__init__(f"row {line} (id {row_id!r}): {field}: {reason}")
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -138,39 +138,26 @@ class Planner:
 
     def resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         """The work items (one per output video) of a valid row, after the spec's sweep."""
-        sweep = self.spec.sweep
-        if not sweep:
+        if not self.spec.sweep:
             return self._resolve(row, line)
         items = []
-        for values in itertools.product(*sweep.values()):
-            combo = dict(zip(sweep, values, strict=True))
-            label = ",".join(f"{k}={v}" for k, v in combo.items())
+        for label, combo in self.sweep_points:
             items += self._resolve(row.model_copy(update={**combo, "id": f"{row.id}[{label}]"}), line)
         return items
 
+    @functools.cached_property
+    def sweep_points(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each point of the spec's sweep: its id label and the parameters it sets."""
+        sweep = self.spec.sweep
+        points = []
+        for values in itertools.product(*sweep.values()):
+            combo = dict(zip(sweep, values, strict=True))
+            points.append((",".join(f"{k}={v}" for k, v in combo.items()), combo))
+        return points
+
     def _resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
-        overrides = tuple(sorted((k, _freeze(v)) for k, v in row.overrides().items()))
-        try:
-            params, params_json = self._params(overrides)
-        except ValidationError as exc:
-            field, reason = explain(exc, RenderParams)[0]
-            raise RowError(line, row.id, field, reason) from None
-        image = join_uri(self.base, row.image)
-        for field, uri in (("image", image), ("latents", params.latents)):
-            try:
-                if uri is not None:
-                    self.inputs.check(uri)
-            except InputError as exc:
-                raise RowError(line, row.id, field, str(exc)) from None
-        seed = row.seed if row.seed is not None else derive_seed(self.spec.seed, row.id)
-        if seed + params.num_videos_per_prompt - 1 > MAX_SEED:
-            reason = (
-                f"seed {seed} + num_videos_per_prompt {params.num_videos_per_prompt} - 1 passes 2**63 - 1 "
-                f"(video v gets seed + v); use a seed up to {MAX_SEED - params.num_videos_per_prompt + 1}"
-            )
-            raise RowError(line, row.id, "seed", reason)
-        shaping = "\x00".join((row.id, image, str(seed), params_json, self.model_json))
-        stem = f"videos/{safe_name(row.id)}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"
+        overrides = tuple(sorted((k, freeze(v)) for k, v in row.overrides().items()))
+        image, seed, params, stem = self.shape(line, row.id, row.image, row.seed, overrides)
         return [
             # Video v of a row is exactly what a one-video row with seed + v would render.
             Resolved(
@@ -187,3 +174,40 @@ class Planner:
             )
             for v in range(params.num_videos_per_prompt)
         ]
+
+    def shape(
+        self, line: int, row_id: str, image_ref: str, row_seed: int | None, overrides: tuple[tuple[str, Any], ...]
+    ) -> tuple[str, int, RenderParams, str]:
+        """What shapes a row's videos: its image URI, first seed, parameters and key stem
+        (each video's key is the stem and its index). Raises the row's RowError."""
+        params, params_json = self.params(line, row_id, overrides)
+        image = self.checked(line, row_id, "image", join_uri(self.base, image_ref))
+        if params.latents is not None:
+            self.checked(line, row_id, "latents", params.latents)
+        seed = row_seed if row_seed is not None else derive_seed(self.spec.seed, row_id)
+        if seed + params.num_videos_per_prompt - 1 > MAX_SEED:
+            reason = (
+                f"seed {seed} + num_videos_per_prompt {params.num_videos_per_prompt} - 1 passes 2**63 - 1 "
+                f"(video v gets seed + v); use a seed up to {MAX_SEED - params.num_videos_per_prompt + 1}"
+            )
+            raise RowError(line, row_id, "seed", reason)
+        return image, seed, params, self.stem(row_id, safe_name(row_id), image, seed, params_json)
+
+    def params(self, line: int, row_id: str, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str]:
+        try:
+            return self._params(overrides)
+        except ValidationError as exc:
+            field, reason = explain(exc, RenderParams)[0]
+            raise RowError(line, row_id, field, reason) from None
+
+    def checked(self, line: int, row_id: str, field: str, uri: str) -> str:
+        try:
+            self.inputs.check(uri)
+        except InputError as exc:
+            raise RowError(line, row_id, field, str(exc)) from None
+        return uri
+
+    def stem(self, row_id: str, name: str, image: str, seed: int, params_json: str) -> str:
+        """`name`: safe_name(row_id), which callers that know it is the id itself pass as it is."""
+        shaping = "\x00".join((row_id, image, str(seed), params_json, self.model_json))
+        return f"videos/{name}-{hashlib.sha256(shaping.encode()).hexdigest()[:16]}"

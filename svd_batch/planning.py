@@ -3,9 +3,10 @@ the render stage, so the first video renders while the rest of the manifest is b
 
 The driver never holds rows. It surveys the manifest (pieces and duplicate ids) and reads
 the ledger in tasks of their own, whose answers stay in the object store and reach every
-plan task once (`PlanContext`). Each plan task reads and plans its pieces (plan.Planner, the
-one definition of keys and seeds), reports what it counted to the run's JobControl (the
-driver learns totals, never items), and keeps at most a window of items ahead of the workers.
+plan task once (`PlanContext`). Each plan task reads and plans its pieces (a JSONL piece over
+Arrow columns, columnar.py; keys and seeds always come from plan.Planner), reports what it
+counted to the run's JobControl (the driver learns totals, never items), and keeps at most
+a window of items ahead of the workers.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from svd_batch.ledger import progress
-from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, read_piece, survey
+from svd_batch.columnar import Planned, plan_piece
+from svd_batch.ledger import Progress, progress
+from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, is_jsonl, piece_data, read_piece, survey
 from svd_batch.plan import Planner, RowError
 from svd_batch.schema import WORK_SCHEMA, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import StorageError, open_storage
 
 log = logging.getLogger(__name__)
 CHUNK = 256  # items a plan task gathers and groups by call key before it hands them on
+REPORT_EVERY = 65536  # videos a plan task counts (mostly skipped ones) between reports
 BLOCK_BYTES = 32 * 1024
 PLAN_CPUS = 0.25  # planning is light; the workers' CPUs stay theirs
 PLAN_TASKS = 2  # plan tasks at a time: each is a process of its own, and two keep ahead of the workers
@@ -118,11 +121,10 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
     for piece in batch.to_pylist():
         chunk: list[WorkItem] = []
         counts: Counter[str] = Counter()
-        planned_rows = planner.plan(read_piece(Piece(**piece), duplicates), earlier, context.retry_failed)
-        for position, planned in enumerate(planned_rows, start=1):
-            counts["videos"] += 1
-            if planned is None:
-                counts["skipped"] += 1
+        for planned in _planned(planner, Piece(**piece), duplicates, earlier, context.retry_failed):
+            counts["videos"] += planned if isinstance(planned, int) else 1
+            if isinstance(planned, int):
+                counts["skipped"] += planned
             elif isinstance(planned, RowError):
                 invalid = invalid_item(planned, spec.name, context.run_id)
                 # Invalid keys are never done, except for the run's own accounting (Job._account),
@@ -133,7 +135,7 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
                 counts["left"] += 1  # never handed on: a drained run takes no more rows
             else:
                 chunk.append(planned)
-            if position % CHUNK == 0:
+            if len(chunk) == CHUNK or counts["videos"] >= REPORT_EVERY:
                 draining = _hand_on(control, counts, len(chunk), context.window, draining)
                 if chunk:
                     yield work_table(by_call(chunk))
@@ -141,6 +143,16 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
         draining = _hand_on(control, counts, len(chunk), context.window, draining)
         if chunk:
             yield work_table(by_call(chunk))
+
+
+def _planned(
+    planner: Planner, piece: Piece, duplicates: frozenset[int], earlier: Progress, retry_failed: bool
+) -> Iterator[Planned]:
+    if is_jsonl(piece.uri):
+        yield from plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed)
+        return
+    for planned in planner.plan(read_piece(piece, duplicates), earlier, retry_failed):
+        yield 1 if planned is None else planned
 
 
 def _hand_on(control: Any, counts: Counter[str], items: int, window: int, draining: bool) -> bool:

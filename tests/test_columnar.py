@@ -1,0 +1,189 @@
+"""Planning over Arrow columns decides exactly what the per-row reader decides, line by line,
+and it decides the plain rows of a rerun itself (as counts), not by handing them back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from svd_batch.columnar import plan_piece, video_keys
+from svd_batch.ledger import KeySet, Progress
+from svd_batch.manifest import Piece, lines_of, piece_data, read_piece, read_raw, read_table, survey
+from svd_batch.plan import Planner, RowError
+from svd_batch.schema import JobSpec
+
+PLAIN = 40  # ordinary rows around each odd one, so that pyarrow reads (or refuses) a real piece
+ODD_LINE = 22  # a line the earlier run made (see earlier_of)
+
+# Each is one manifest line among plain rows: every way a row can be read, be valid or fail.
+ODD = [
+    '{"id": 17, "image": "img/17.png"}',
+    '{"id": "seeded", "image": "img/s.png", "seed": 5}',
+    '{"id": "neg", "image": "img/s.png", "seed": -1}',
+    '{"id": "big", "image": "img/s.png", "seed": 9223372036854775807, "num_videos_per_prompt": 2}',
+    '{"id": "float-seed", "image": "img/s.png", "seed": 1.0}',
+    '{"id": "h", "image": "img/h.png", "height": 64}',
+    '{"id": "h-bad", "image": "img/h.png", "height": 63}',
+    '{"id": "h-float", "image": "img/h.png", "height": 64.0}',
+    '{"id": "g", "image": "img/g.png", "motion_bucket_id": 40, "min_guidance_scale": 1}',
+    '{"id": "g-order", "image": "img/g.png", "min_guidance_scale": 5}',
+    '{"id": "sig", "image": "img/g.png", "sigmas": [1, 0.5]}',
+    '{"id": "fit", "image": "img/g.png", "fit": "pad"}',
+    '{"id": "fit-bad", "image": "img/g.png", "fit": "bogus"}',
+    '{"id": "two", "image": "img/2.png", "num_videos_per_prompt": 2}',
+    '{"id": "null-h", "image": "img/2.png", "height": null}',
+    '{"id": "lat", "image": "img/2.png", "latents": "lat/x.npy"}',
+    '{"id": "lat-out", "image": "img/2.png", "latents": "/elsewhere/x.npy"}',
+    '{"id": "t", "image": "img/t.png", "tags": {"k": 1, "s": "x"}}',
+    '{"id": "t-nested", "image": "img/t.png", "tags": {"k": {"n": 1}}}',
+    '{"id": "t-null", "image": "img/t.png", "tags": null}',
+    '{"id": "t-null-value", "image": "img/t.png", "tags": {"a": null}}',
+    '{"id": "t-str", "image": "img/t.png", "tags": "x"}',
+    '{"id": "extra", "image": "img/t.png", "caption": "a cat"}',
+    '{"id": "extra-null", "image": "img/t.png", "caption": null}',
+    '{"id": "", "image": "img/e.png"}',
+    '{"id": "nul\\u0000", "image": "img/e.png"}',
+    '{"id": "' + "x" * 1025 + '", "image": "img/e.png"}',
+    '{"image": "img/e.png"}',
+    '{"id": null, "image": "img/e.png"}',
+    '{"id": true, "image": "img/e.png"}',
+    '{"id": 1.5, "image": "img/e.png"}',
+    '{"id": 99999999999999999999, "image": "img/e.png"}',
+    '{"id": "no-image"}',
+    '{"id": "empty-image", "image": ""}',
+    '{"id": "abs", "image": "/etc/passwd"}',
+    '{"id": "up", "image": "../x.png"}',
+    '{"id": "dot", "image": "img/./d.png"}',
+    '{"id": "slashes", "image": "img//d.png"}',
+    '{"id": "dir", "image": "img/"}',
+    '{"id": "row-00003", "image": "img/dup.png"}',  # the id of a plain row before it
+    '{"id": "café ü", "image": "img/u.png"}',
+    '{"id": ".hidden_", "image": "img/u.png"}',
+    '{"id": "a b", "image": "img/u.png"}',
+    "",
+    "   ",
+    "not json",
+    "[1]",
+    '{"id": "one", "image": "img/o.png"} {"id": "two-on-a-line", "image": "img/o.png"}',
+    '{"id": "twice", "id": "again", "image": "img/o.png"}',
+    '{"id": "sur\\ud800", "image": "img/o.png"}',
+    '{"id": "smile \\ud83d\\ude00", "image": "img/o.png"}',
+    '{"id": "nan", "image": "img/o.png", "seed": NaN}',
+]
+
+
+def manifest(folder: Path, odd: str, end: str = "\n", bom: bool = False) -> Path:
+    rows = [json.dumps({"id": f"row-{n:05d}", "image": f"img/{n % 7}.png"}) for n in range(PLAIN)]
+    lines = [*rows[: ODD_LINE - 1], odd, *rows[ODD_LINE - 1 :]]
+    path = folder / "m.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "".join(line + end for line in lines).encode())
+    return path
+
+
+def job(path: Path, sweep: dict[str, list[Any]] | None = None, **more: Any) -> JobSpec:
+    spec = {"name": "c", "manifest": str(path), "output": str(path.parent / "out"), "model": {"path": "/m"}}
+    return JobSpec.model_validate({**spec, "sweep": sweep or {}, "seed": 3, **more})
+
+
+def flat(planned: Any) -> list[Any]:
+    """A plan stream as comparable values; a count of n skipped videos is n skips."""
+    if isinstance(planned, int):
+        return ["skip"] * planned
+    if planned is None:
+        return ["skip"]
+    if isinstance(planned, RowError):
+        return [str(planned)]
+    return [planned.model_dump()]
+
+
+def per_row(spec: JobSpec, piece: Piece, duplicates: frozenset[int], earlier: Progress) -> list[Any]:
+    planner = Planner(spec, spec.manifest, "run", "w")
+    return [v for p in planner.plan(read_piece(piece, duplicates), earlier, False) for v in flat(p)]
+
+
+def columnar(spec: JobSpec, piece: Piece, duplicates: frozenset[int], earlier: Progress) -> tuple[list[Any], int]:
+    planner = Planner(spec, spec.manifest, "run", "w")
+    stream = list(plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, False))
+    return [v for p in stream for v in flat(p)], sum(isinstance(p, int) for p in stream)
+
+
+def earlier_of(spec: JobSpec, piece: Piece, duplicates: frozenset[int]) -> Progress:
+    """An earlier run that made most videos (each third row's not; each fifth row's failed for
+    good), and only the first video of a two-video row. It also made the keys that columns
+    give every row, valid or not: a row that only columns think valid would then be skipped."""
+    fresh = Progress(KeySet([]), {}, KeySet([]))
+    planner = Planner(spec, spec.manifest, "run", "w")
+    made = [(item.line, item.key) for item in planner.plan(read_piece(piece, duplicates), fresh, False)
+            if not isinstance(item, RowError) and not (item.id == "two" and item.video_index == 1)]  # fmt: skip
+    data = piece_data(piece)
+    lines = lines_of(data, piece.first)
+    table = read_table(data, lines)
+    if table is not None and {"id", "image"} <= set(table.column_names):
+        named = pc.and_(table.column("id").is_valid(), table.column("image").is_valid())
+        with contextlib.suppress(pa.ArrowException):
+            keys, owner, _ = video_keys(planner, table.filter(named))
+            numbers = lines.numbers[named.to_numpy(zero_copy_only=False)]
+            made += [(int(numbers[row]), key) for key, row in zip(keys, owner, strict=True)]
+    done = [key for line, key in made if line % 3 and line % 5]
+    return Progress(KeySet(done), {}, KeySet([key for line, key in made if line % 3 and not line % 5]))
+
+
+def plain_duplicates(path: Path) -> list[int]:
+    """Rows whose id (a string, or an int as text) an earlier row has, read plainly."""
+    seen, later = set(), []
+    for number, raw in read_raw(Piece(str(path))):
+        value = raw.get("id") if isinstance(raw, dict) else None
+        value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if isinstance(value, str):
+            if value in seen:
+                later.append(number)
+            seen.add(value)
+    return later
+
+
+@pytest.mark.parametrize("odd", ODD, ids=range(len(ODD)))
+@pytest.mark.parametrize("sweep", [None, {"motion_bucket_id": [10, 20]}], ids=["plain", "sweep"])
+def test_each_odd_line_is_planned_exactly_as_row_by_row(tmp_path: Path, odd: str, sweep: Any) -> None:
+    path = manifest(tmp_path, odd)
+    spec = job(path, sweep)
+    found = survey(str(path))
+    assert found.duplicates.tolist() == plain_duplicates(path)
+    (piece,) = found.pieces
+    duplicates = frozenset(found.duplicates.tolist())
+    earlier = earlier_of(spec, piece, duplicates)
+    expected = per_row(spec, piece, duplicates, earlier)
+    got, _ = columnar(spec, piece, duplicates, earlier)
+    assert got == expected
+    assert expected.count("skip") > PLAIN // 2  # most plain rows are done
+
+
+@pytest.mark.parametrize(("end", "bom", "fast"), [("\n", False, True), ("\r\n", False, True), ("\r", False, False),
+                                                 ("\n", True, False)])  # fmt: skip
+def test_line_ends_and_marks_read_as_row_by_row_and_plain_pieces_are_decided_over_columns(
+    tmp_path: Path, end: str, bom: bool, fast: bool
+) -> None:
+    path = manifest(tmp_path, '{"id": "t", "image": "img/t.png", "tags": {"k": 1}}', end, bom)
+    spec = job(path)
+    (piece,) = survey(str(path)).pieces
+    earlier = earlier_of(spec, piece, frozenset())
+    got, counted = columnar(spec, piece, frozenset(), earlier)
+    assert got == per_row(spec, piece, frozenset(), earlier)
+    # Where pyarrow reads the piece, done rows side by side come as one count; a piece it
+    # cannot read is planned row by row, one count a video.
+    assert (counted < got.count("skip") * 2 // 3) if fast else counted == got.count("skip")
+
+
+def test_a_folder_outside_the_allow_list_is_checked_row_by_row(tmp_path: Path) -> None:
+    path = manifest(tmp_path, '{"id": "a", "image": "ok.png"}')
+    spec = job(path, inputs={"allow": ["/elsewhere"]})
+    (piece,) = survey(str(path)).pieces
+    earlier = earlier_of(spec, piece, frozenset())
+    got, _ = columnar(spec, piece, frozenset(), earlier)
+    assert got == per_row(spec, piece, frozenset(), earlier)
+    assert all("outside inputs.allow" in g for g in got)
