@@ -1,16 +1,15 @@
 """Planning a JSONL piece over Arrow columns: on a rerun most rows are done, and deciding that
 row by row in Python (parse, validate, resolve, look up) is what made planning slow.
 
-pyarrow reads the piece. A row whose every column has a type that it reads exactly as the
-per-row reader would, and whose values cannot fail validation (checked with Arrow compute;
-each distinct parameter set and image is resolved once), gets its keys from plan.Planner's
-own `shape`, and all of the piece's keys are looked up in one vectorised search. Only rows
-whose every video is done (or failed for good) are decided here. Every other row, whether
-it is to render or anything about it is unusual, is read from its own line by the per-row
-path (manifest.jsonl_row, manifest.validate, Planner.plan), so its work items and errors are
-exactly that path's. A piece that pyarrow would read differently (a lone CR line end, a
-byte-order mark, an explicit null that means "invalid", not "absent", a duplicated key, a
-type that changes between rows, a line that is not an object, ...) takes that path whole.
+pyarrow reads the piece (manifest.read_table). A row whose every column has a type that it
+reads exactly as the per-row reader would, and whose values cannot fail validation (checked
+with Arrow compute; each distinct parameter set is validated once, the image folder checked
+once), gets its keys from plan.Planner's own parts, and all of the piece's keys are looked
+up in one vectorised search. Such a row is decided here when an earlier run made all of its
+videos (skipped) or, once the run is stopping, none of them (left). Every other row, to
+render or unusual in any way, is read from its own line by the per-row path
+(manifest.jsonl_row, manifest.validate, Planner.plan), so its work items and errors are
+exactly that path's. A piece that pyarrow might read differently takes that path whole.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from __future__ import annotations
 import functools
 import io
 import typing
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,7 @@ from svd_batch.manifest import jsonl_row, jsonl_rows, lines_of, read_table, vali
 from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, freeze, join_uri, safe_name
 from svd_batch.schema import RENDER_FIELDS, RenderParams, WorkItem
 
-Planned = WorkItem | RowError | int  # int: that many videos an earlier run made (skipped)
+PENDING = 256  # rows to plan row by row that are read before their items are handed on
 
 _SCALAR = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64, pa.types.is_boolean, pa.types.is_null)
 _MAX_SIMPLE_SEED = MAX_SEED - 63  # seed + any video index stays an int64
@@ -56,10 +55,6 @@ def _reads_exactly(name: str, kind: pa.DataType) -> bool:
         item = kind.value_type if pa.types.is_list(kind) else None
         return item is not None and (pa.types.is_int64(item) or pa.types.is_float64(item) or pa.types.is_null(item))
     return pa.types.is_string(kind) and (wanted is str or issubclass(wanted, Enum))
-
-
-def _valid(column: pa.ChunkedArray) -> np.ndarray:
-    return column.is_valid().to_numpy(zero_copy_only=False)
 
 
 def _mask(condition: pa.ChunkedArray, null: bool) -> np.ndarray:
@@ -100,7 +95,7 @@ _SAFE_ID = r"^[A-Za-z0-9-]([A-Za-z0-9._-]{0,62}[A-Za-z0-9-])?$"  # plan.safe_nam
 
 def video_keys(planner: Planner, picked: pa.Table) -> tuple[list[str], list[int], list[int]]:
     """The keys of the picked rows' videos, which row each is of, and the rows that turn out
-    invalid (a parameter set, an image or a seed that fails): those go row by row."""
+    invalid (a parameter set, an image or latents path that fails): those go row by row."""
     ids = picked.column("id").cast(pa.string())
     refs = picked.column("image")
     prefix = join_uri(planner.base, "x")[:-1]
@@ -155,57 +150,83 @@ def video_keys(planner: Planner, picked: pa.Table) -> tuple[list[str], list[int]
     return keys, owner, invalid
 
 
-def skipped_videos(
+def decided(
     planner: Planner, table: pa.Table, numbers: np.ndarray, duplicates: Collection[int], earlier: Progress,
     retry_failed: bool,
-) -> np.ndarray:  # fmt: skip
-    """Per row, how many videos it has when an earlier run made every one of them; 0 for a
-    row to plan row by row."""
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per row, its videos where columns alone tell (0: the row is planned row by row), and
+    how many of them an earlier run made."""
     rows = np.flatnonzero(_simple(table, numbers, duplicates))
-    videos = np.zeros(len(numbers), np.int64)
+    videos, made = np.zeros(len(numbers), np.int64), np.zeros(len(numbers), np.int64)
     if not len(rows):
-        return videos
+        return videos, made
     keys, owner, invalid = video_keys(planner, table.take(pa.array(rows)))
     hashes = key_hashes(keys, len(keys))
-    made = earlier.done.has(hashes)
+    found = earlier.done.has(hashes)
     if not retry_failed:
-        made |= earlier.final.has(hashes)
+        found |= earlier.final.has(hashes)
     owners = np.asarray(owner, np.int64)
     counts = np.bincount(owners, minlength=len(rows))
-    decided = (np.bincount(owners, weights=made, minlength=len(rows)) == counts) & (counts > 0)
-    decided[invalid] = False
-    videos[rows[decided]] = counts[decided]
-    return videos
+    counts[invalid] = 0
+    videos[rows] = counts
+    made[rows] = np.bincount(owners, weights=found, minlength=len(rows))
+    return videos, made
+
+
+class Counted(NamedTuple):
+    """Videos that need no work item: `skipped` (an earlier run made them) or `left` (a run
+    that is stopping counts, and hands on nothing)."""
+
+    status: str
+    videos: int
+
+
+Planned = WorkItem | RowError | Counted
 
 
 def plan_piece(
-    planner: Planner, data: bytes, first: int, duplicates: Collection[int], earlier: Progress, retry_failed: bool
+    planner: Planner,
+    data: bytes,
+    first: int,
+    duplicates: Collection[int],
+    earlier: Progress,
+    retry_failed: bool,
+    draining: Callable[[], bool],
 ) -> Iterator[Planned]:
-    """What Planner.plan makes of the piece's rows, in order, with the videos an earlier run
-    made given as counts."""
+    """What Planner.plan makes of the piece's rows, in order, except that rows decided over
+    columns come as counts: those an earlier run made, and, once `draining()`, those left."""
     lines = lines_of(data, first)
     table = read_table(data, lines)
     if table is None:
         yield from _row_by_row(planner, jsonl_rows(io.BytesIO(data), first), duplicates, earlier, retry_failed)
         return
-    videos = skipped_videos(planner, table, lines.numbers, duplicates, earlier, retry_failed)
+    videos, made = decided(planner, table, lines.numbers, duplicates, earlier, retry_failed)
     pending: list[tuple[int, Any]] = []
-    skipped = 0  # videos of done rows since the last row to plan, yielded as one count
-    for at in range(len(videos)):
-        if videos[at]:
-            if pending:
-                yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
-                pending = []
-            skipped += int(videos[at])
+    run = Counted("skipped", 0)  # side by side rows of one status, handed on as one count
+    for at, (count, done) in enumerate(zip(videos.tolist(), made.tolist(), strict=True)):
+        if count and done == count:
+            status: str | None = "skipped"
+        elif count and not done and draining():
+            status = "left"
+        else:
+            status = None  # row by row, which also tells apart the videos of a partly made row
+        if status is not None and pending:
+            yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
+            pending = []
+        if run.videos and status != run.status:
+            yield run
+            run = Counted("skipped", 0)
+        if status is not None:
+            run = Counted(status, run.videos + count)
             continue
-        if skipped:
-            yield skipped
-            skipped = 0
         number = int(lines.numbers[at])
         pending.append((number, jsonl_row(number, data[lines.starts[at] : lines.stops[at]].decode())))
+        if len(pending) == PENDING:
+            yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
+            pending = []
     yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
-    if skipped:
-        yield skipped
+    if run.videos:
+        yield run
 
 
 def _row_by_row(
@@ -213,4 +234,4 @@ def _row_by_row(
 ) -> Iterator[Planned]:
     validated = ((number, validate(number, raw, duplicates)) for number, raw in rows)
     for planned in planner.plan(validated, earlier, retry_failed):
-        yield 1 if planned is None else planned
+        yield Counted("skipped", 1) if planned is None else planned

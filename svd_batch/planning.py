@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from svd_batch.columnar import Planned, plan_piece
+from svd_batch.columnar import Counted, Planned, plan_piece
 from svd_batch.ledger import Progress, progress
 from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, is_jsonl, piece_data, read_piece, survey
 from svd_batch.plan import Planner, RowError
@@ -118,13 +118,17 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
     control = ray.get_actor(JobControl.name(context.run_id)) if context.control else None
     planner = Planner(spec, spec.manifest, context.run_id, context.weights)
     draining = False
+
+    def drained() -> bool:
+        return draining
+
     for piece in batch.to_pylist():
         chunk: list[WorkItem] = []
         counts: Counter[str] = Counter()
-        for planned in _planned(planner, Piece(**piece), duplicates, earlier, context.retry_failed):
-            counts["videos"] += planned if isinstance(planned, int) else 1
-            if isinstance(planned, int):
-                counts["skipped"] += planned
+        for planned in _planned(planner, Piece(**piece), duplicates, earlier, context.retry_failed, drained):
+            counts["videos"] += planned.videos if isinstance(planned, Counted) else 1
+            if isinstance(planned, Counted):
+                counts[planned.status] += planned.videos
             elif isinstance(planned, RowError):
                 invalid = invalid_item(planned, spec.name, context.run_id)
                 # Invalid keys are never done, except for the run's own accounting (Job._account),
@@ -146,13 +150,18 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
 
 
 def _planned(
-    planner: Planner, piece: Piece, duplicates: frozenset[int], earlier: Progress, retry_failed: bool
+    planner: Planner,
+    piece: Piece,
+    duplicates: frozenset[int],
+    earlier: Progress,
+    retry_failed: bool,
+    draining: Callable[[], bool],
 ) -> Iterator[Planned]:
     if is_jsonl(piece.uri):
-        yield from plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed)
+        yield from plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed, draining)
         return
     for planned in planner.plan(read_piece(piece, duplicates), earlier, retry_failed):
-        yield 1 if planned is None else planned
+        yield Counted("skipped", 1) if planned is None else planned
 
 
 def _hand_on(control: Any, counts: Counter[str], items: int, window: int, draining: bool) -> bool:
