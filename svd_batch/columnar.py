@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from svd_batch.ledger import Progress, key_hashes
+from svd_batch.hashes import string_hashes
+from svd_batch.ledger import Progress
 from svd_batch.manifest import jsonl_row, jsonl_rows, lines_of, read_table, validate
 from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, freeze, join_uri, safe_name
 from svd_batch.schema import RENDER_FIELDS, RenderParams, WorkItem
@@ -161,7 +162,7 @@ def decided(
     if not len(rows):
         return videos, made
     keys, owner, invalid = video_keys(planner, table.take(pa.array(rows)))
-    hashes = key_hashes(keys, len(keys))
+    hashes = string_hashes(keys)
     found = earlier.done.has(hashes)
     if not retry_failed:
         found |= earlier.final.has(hashes)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import hashlib
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from svd_batch.errors import first_line
+from svd_batch.hashes import string_hashes
 from svd_batch.metadata import part_keys, read_table
 from svd_batch.schema import LeaseRecord, RunRecord, Status
 from svd_batch.storage import Storage, StorageError
@@ -48,40 +48,63 @@ def _now() -> dt.datetime:
 
 def latest(table: pa.Table) -> pa.Table:
     """One row per key: the newest a run produced (run ids sort by start, then end time), in
-    the order they were read (parts sort by run). All in Arrow, and only the chosen rows are
-    copied: a million rows take a second and about one more copy of the table."""
-    produced = table.filter(pc.is_in(table.column("status"), pa.array([Status.ok.value, Status.failed.value])))
-    when = [(c, "ascending") for c in ("run_id", "ended_at") if c in produced.column_names]
-    order = pc.sort_indices(produced, [("key", "ascending"), *when], null_placement="at_start")
+    the order they were read (parts sort by run)."""
+    return _latest(table)[0]
+
+
+def _latest(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """`latest`, and the hash of each of its keys. Only rows whose key hash repeats are
+    ordered, and by hash, not by key: at ten million keys a sort of strings (or Arrow's hash
+    grouping) takes 13 s. Two keys of one hash are told apart by a sort of the strings."""
+    produced = pc.is_in(table.column("status"), pa.array([Status.ok.value, Status.failed.value]))
+    if not pc.all(produced).as_py():  # a copy of the table, so only where skipped rows are there
+        table = table.filter(produced)
+    hashes = string_hashes(table.column("key"))
+    ordered = np.sort(hashes)
+    repeated = KeySet.of_hashes(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
+    if not len(repeated):
+        return table, hashes
+    rows = np.flatnonzero(repeated.has(hashes))
+    runs = pc.dictionary_encode(table.column("run_id").take(rows)).combine_chunks()
+    names = runs.dictionary.to_numpy(zero_copy_only=False)
+    rank = np.append(np.argsort(np.argsort(names)), -1)  # a row without a run sorts first
+    run = rank[pc.fill_null(runs.indices, len(names)).to_numpy()]
+    ended = pc.fill_null(pc.cast(table.column("ended_at").take(rows), pa.int64()), np.iinfo(np.int64).min)
+    order = rows[np.lexsort((ended.to_numpy(), run, hashes[rows]))]  # stable: of rows alike, the last read wins
+    last = np.append(hashes[order[:-1]] != hashes[order[1:]], True)
+    keys, tied = table.column("key"), np.flatnonzero(~last)
+    if not pc.all(pc.equal(keys.take(order[tied]), keys.take(order[tied + 1]))).as_py():
+        exact = _latest_by_key(table)
+        return exact, string_hashes(exact.column("key"))
+    chosen = np.ones(len(hashes), bool)
+    chosen[order[tied]] = False
+    return table.filter(chosen), hashes[chosen]
+
+
+def _latest_by_key(produced: pa.Table) -> pa.Table:
+    when = [("key", "ascending"), ("run_id", "ascending"), ("ended_at", "ascending")]
+    order = pc.sort_indices(produced, when, null_placement="at_start")
     keys = produced.column("key").take(order)
-    if len(keys) < 2:
-        return produced
-    # The sort is stable, so of rows alike in key, run and time the last read wins.
     last = pa.concat_arrays([pc.not_equal(keys[:-1], keys[1:]).combine_chunks(), pa.array([True])])
     return produced.take(np.sort(order.filter(last).to_numpy()))
 
 
 class KeySet:
-    """Keys as sorted 64-bit hashes (blake2b): 8 bytes a key, where a Python set of strings
-    takes about 100. A key not in the set is taken for one in it with probability
-    len(set) / 2**64: with ten million done keys, one planned video in two trillion is skipped."""
+    """Keys as sorted 64-bit hashes: 8 bytes a key, where a Python set of strings takes about
+    100. A key not in the set is taken for one in it with probability len(set) / 2**64: with
+    ten million done keys, one planned video in two trillion is skipped."""
 
     def __init__(self, keys: pa.ChunkedArray | list[str]) -> None:
-        def each() -> Iterator[str]:
-            if isinstance(keys, list):
-                yield from keys
-                return
-            for start in range(0, len(keys), 65536):  # never a million Python strings at once
-                yield from keys[start : start + 65536].to_pylist()
+        self.hashes = np.sort(string_hashes(keys))
 
-        self.hashes = np.sort(key_hashes(each(), len(keys)))
+    @classmethod
+    def of_hashes(cls, hashes: np.ndarray) -> KeySet:
+        held = cls([])
+        held.hashes = np.sort(hashes)
+        return held
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        wanted = np.uint64(key_hash(key))
-        at = int(np.searchsorted(self.hashes, wanted))
-        return at < len(self.hashes) and self.hashes[at] == wanted
+        return isinstance(key, str) and bool(self.has(string_hashes([key]))[0])
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -90,15 +113,6 @@ class KeySet:
         """Which of these key hashes are in the set, in one search."""
         at = np.minimum(np.searchsorted(self.hashes, hashes), max(len(self.hashes) - 1, 0))
         return self.hashes[at] == hashes if len(self.hashes) else np.zeros(len(hashes), bool)
-
-
-def key_hashes(keys: Iterable[str], count: int = -1) -> np.ndarray:
-    return np.fromiter((key_hash(k) for k in keys), np.uint64, count=count)
-
-
-def key_hash(key: str) -> int:
-    # surrogatepass: a manifest id may hold a lone surrogate, and is hashed all the same.
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ def progress(
     """`outputs`: check that each done key's objects still exist (`run --verify-outputs`).
     `exclude_run`: the keys that run produced count as done, whatever became of them."""
     wanted = [f"{f}_uri" for f in formats]
-    table = latest(read_table(meta, ["key", "status", "retryable", "run_id", "ended_at", *wanted]))
+    table, hashes = _latest(read_table(meta, ["key", "status", "retryable", "run_id", "ended_at", *wanted]))
     present = pa.array(sorted(_listing(outputs)), pa.string()) if outputs is not None else None
     ok = pc.equal(table.column("status"), Status.ok.value)
     final = pc.and_(pc.equal(table.column("status"), Status.failed.value),
@@ -136,7 +150,7 @@ def progress(
     made = {c: m.filter(partial).to_pylist() for c, m in have.items()}
     uris = {c: rows.column(c).to_pylist() for c in wanted}
     kept = {key: {c: uris[c][i] for c in wanted if made[c][i]} for i, key in enumerate(rows.column("key").to_pylist())}
-    return Progress(KeySet(table.filter(done).column("key")), kept, KeySet(table.filter(final).column("key")))
+    return Progress(KeySet.of_hashes(hashes[done.to_numpy()]), kept, KeySet.of_hashes(hashes[final.to_numpy()]))
 
 
 def _listing(outputs: Storage) -> set[str]:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 from pydantic import ValidationError
 
+from svd_batch.hashes import string_hashes
 from svd_batch.plan import RowError
 from svd_batch.schema import RENDER_FIELDS, ManifestRow, explain
 from svd_batch.storage import StorageError, local_path, s3_body, split_s3
@@ -325,18 +326,6 @@ def piece_data(piece: Piece) -> bytes:
         return stream.read()
 
 
-def _id_hashes(ids: list[str] | pa.ChunkedArray) -> np.ndarray:
-    """64-bit hashes of ids, compared only with each other (pandas' vectorised hash: the
-    survey hashes every id of the manifest in one task)."""
-    from pandas.util import hash_array
-
-    values = ids.to_numpy(zero_copy_only=False) if isinstance(ids, pa.ChunkedArray) else np.array(ids, object)
-    try:
-        return hash_array(values, categorize=False)
-    except UnicodeEncodeError:  # an id may hold a lone surrogate (a JSON escape), hashed all the same
-        return hash_array(np.array([i.encode("utf-8", "surrogatepass") for i in values], object), categorize=False)
-
-
 def _ids(rows: Iterator[tuple[int, Raw]]) -> tuple[np.ndarray, list[int], int]:
     ids, numbers, count = [], [], 0
     for number, raw in rows:
@@ -347,7 +336,7 @@ def _ids(rows: Iterator[tuple[int, Raw]]) -> tuple[np.ndarray, list[int], int]:
         if isinstance(value, str):
             ids.append(value)
             numbers.append(number)
-    return _id_hashes(ids), numbers, count
+    return string_hashes(ids), numbers, count
 
 
 def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
@@ -357,11 +346,11 @@ def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
     table = read_table(data, lines)
     ids = table.column("id") if table is not None and "id" in table.column_names else None
     if table is not None and ids is None:
-        return _id_hashes([]), [], table.num_rows
+        return string_hashes([]), [], table.num_rows
     if table is None or not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
         return _ids(jsonl_rows(io.BytesIO(data), first))
     present = ids.is_valid()
-    hashes = _id_hashes(ids.filter(present).cast(pa.string()))
+    hashes = string_hashes(ids.filter(present).cast(pa.string()))
     return hashes, lines.numbers[present.to_numpy(zero_copy_only=False)].tolist(), table.num_rows
 
 

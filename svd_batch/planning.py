@@ -117,7 +117,9 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
     duplicates = frozenset(ray.get(context.duplicates).tolist())
     control = ray.get_actor(JobControl.name(context.run_id)) if context.control else None
     planner = Planner(spec, spec.manifest, context.run_id, context.weights)
-    draining = False
+    # Asked before the first piece: items handed on before a task knew the run was stopping
+    # would start the workers (a model load each) for rows that are then left.
+    draining = _hand_on(control, Counter(), 0, context.window, False)
 
     def drained() -> bool:
         return draining

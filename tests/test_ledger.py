@@ -7,9 +7,12 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from svd_batch import ledger
+from svd_batch.hashes import string_hashes as hashes_of
 from svd_batch.ledger import KeySet, Lease, LeaseHeld, latest, progress, repair, run_history
 from svd_batch.metadata import MetadataWriter, read_table, rows_to_table
 from svd_batch.schema import ResultRow, Status
@@ -42,7 +45,10 @@ def test_a_key_set_holds_exactly_its_keys_in_eight_bytes_each() -> None:
     assert "" not in KeySet([]) and None not in held
 
 
-def test_latest_equals_a_plain_python_reading_of_its_definition(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hashes", ["real", "colliding"])
+def test_latest_equals_a_plain_python_reading_of_its_definition(hashes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if hashes == "colliding":  # what a 64-bit hash does once in 10**12 key pairs, made common
+        monkeypatch.setattr(ledger, "string_hashes", lambda keys: hashes_of(keys) % np.uint64(5))
     rng = random.Random(3)
     base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     rows = [
