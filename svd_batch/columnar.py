@@ -27,7 +27,18 @@ import pyarrow.compute as pc
 
 from svd_batch.hashes import string_hashes
 from svd_batch.ledger import Progress
-from svd_batch.manifest import jsonl_row, jsonl_rows, lines_of, read_table, validate
+from svd_batch.manifest import (
+    Piece,
+    Raw,
+    jsonl_row,
+    jsonl_rows,
+    lines_of,
+    parquet_record,
+    parquet_table,
+    read_raw,
+    read_table,
+    validate,
+)
 from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, freeze, join_uri, safe_name
 from svd_batch.schema import RENDER_FIELDS, RenderParams, WorkItem
 
@@ -194,15 +205,54 @@ def plan_piece(
     retry_failed: bool,
     draining: Callable[[], bool],
 ) -> Iterator[Planned]:
-    """What Planner.plan makes of the piece's rows, in order, except that rows decided over
+    """What Planner.plan makes of a JSONL piece's rows, in order, except that rows decided over
     columns come as counts: those an earlier run made, and, once `draining()`, those left."""
     lines = lines_of(data, first)
     table = read_table(data, lines)
     if table is None:
-        yield from _row_by_row(planner, jsonl_rows(io.BytesIO(data), first), duplicates, earlier, retry_failed)
+        yield from row_by_row(planner, jsonl_rows(io.BytesIO(data), first), duplicates, earlier, retry_failed)
         return
-    videos, made = decided(planner, table, lines.numbers, duplicates, earlier, retry_failed)
-    pending: list[tuple[int, Any]] = []
+
+    def raw(at: int, number: int) -> Raw:
+        return jsonl_row(number, data[lines.starts[at] : lines.stops[at]].decode())
+
+    yield from _plan_table(planner, table, lines.numbers, raw, duplicates, earlier, retry_failed, draining)
+
+
+def plan_parquet(
+    planner: Planner,
+    piece: Piece,
+    duplicates: Collection[int],
+    earlier: Progress,
+    retry_failed: bool,
+    draining: Callable[[], bool],
+) -> Iterator[Planned]:
+    """`plan_piece` for a Parquet piece: its row groups as the table, a row's cells as its raw row."""
+    table = parquet_table(piece)
+    if table is None:
+        yield from row_by_row(planner, read_raw(piece), duplicates, earlier, retry_failed)
+        return
+
+    def raw(at: int, number: int) -> Raw:
+        return parquet_record(table, at, number)
+
+    numbers = piece.first + np.arange(table.num_rows)
+    yield from _plan_table(planner, table, numbers, raw, duplicates, earlier, retry_failed, draining)
+
+
+def _plan_table(
+    planner: Planner,
+    table: pa.Table,
+    numbers: np.ndarray,
+    raw: Callable[[int, int], Raw],
+    duplicates: Collection[int],
+    earlier: Progress,
+    retry_failed: bool,
+    draining: Callable[[], bool],
+) -> Iterator[Planned]:
+    """`raw(at, number)`: row `at` as the per-row reader reads it, for the rows columns leave open."""
+    videos, made = decided(planner, table, numbers, duplicates, earlier, retry_failed)
+    pending: list[tuple[int, Raw]] = []
     run = Counted("skipped", 0)  # side by side rows of one status, handed on as one count
     for at, (count, done) in enumerate(zip(videos.tolist(), made.tolist(), strict=True)):
         if count and done == count:
@@ -212,7 +262,7 @@ def plan_piece(
         else:
             status = None  # row by row, which also tells apart the videos of a partly made row
         if status is not None and pending:
-            yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
+            yield from row_by_row(planner, pending, duplicates, earlier, retry_failed)
             pending = []
         if run.videos and status != run.status:
             yield run
@@ -220,17 +270,17 @@ def plan_piece(
         if status is not None:
             run = Counted(status, run.videos + count)
             continue
-        number = int(lines.numbers[at])
-        pending.append((number, jsonl_row(number, data[lines.starts[at] : lines.stops[at]].decode())))
+        number = int(numbers[at])
+        pending.append((number, raw(at, number)))
         if len(pending) == PENDING:
-            yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
+            yield from row_by_row(planner, pending, duplicates, earlier, retry_failed)
             pending = []
-    yield from _row_by_row(planner, pending, duplicates, earlier, retry_failed)
+    yield from row_by_row(planner, pending, duplicates, earlier, retry_failed)
     if run.videos:
         yield run
 
 
-def _row_by_row(
+def row_by_row(
     planner: Planner, rows: Any, duplicates: Collection[int], earlier: Progress, retry_failed: bool
 ) -> Iterator[Planned]:
     validated = ((number, validate(number, raw, duplicates)) for number, raw in rows)

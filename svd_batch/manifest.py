@@ -14,11 +14,11 @@ row already has, which no single piece could know.
 from __future__ import annotations
 
 import array
+import contextlib
 import csv
 import io
 import json
 import re
-import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,10 +33,11 @@ from pydantic import ValidationError
 from svd_batch.hashes import string_hashes
 from svd_batch.plan import RowError
 from svd_batch.schema import RENDER_FIELDS, ManifestRow, explain
-from svd_batch.storage import StorageError, local_path, s3_body, split_s3
+from svd_batch.storage import StorageError, local_path, s3_body, s3_size, split_s3
 
 PARQUET_BATCH = 4096
 PIECE_BYTES = 8 << 20
+PIECE_ROWS = 1 << 17  # Parquet rows a piece holds at most (about a JSONL piece's), whole row groups
 # Rows are small (an id, a path, a few tags); a larger one is a mistake, such as a whole
 # caption file pasted into a tag, and would be copied into every metadata row it makes.
 MAX_ROW_CHARS = 64 * 1024
@@ -49,7 +50,8 @@ _NULLABLE = frozenset({"seed", *RENDER_FIELDS}).__contains__  # null there means
 
 @dataclass(frozen=True)
 class Piece:
-    """Bytes [start, end) of a manifest (end None: to its end), whose first line is line `first`."""
+    """Bytes [start, end) of a manifest (end None: to its end), whose first line is line `first`;
+    of a Parquet manifest, its row groups [start, end), whose first row is row `first`."""
 
     uri: str
     start: int = 0
@@ -203,20 +205,120 @@ def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
         yield number, {key: value for key, value in cells.items() if value is not None}
 
 
-def _parquet(path: Path) -> Iterator[tuple[int, Raw]]:
+class _Ranged(io.RawIOBase):
+    """An S3 object as a seekable file, each read one ranged GET: a Parquet piece reads the
+    footer and its own row groups' column chunks, never the whole object."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri, self.size, self.at = uri, s3_size(uri), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.at = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.size}[whence] + offset
+        return self.at
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self.size - self.at)
+        if wanted <= 0:
+            return 0
+        data = s3_body(self.uri, self.at, self.at + wanted).read()
+        buffer[: len(data)] = data
+        self.at += len(data)
+        return len(data)
+
+
+@contextmanager
+def _parquet_file(uri: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
-        for index in range(batch.num_rows):
-            number += 1
-            try:
-                (record,) = batch.slice(index, 1).to_pylist()
-            except UnicodeDecodeError as exc:  # a string column holding bytes that are not UTF-8
-                reason = f"byte 0x{exc.object[exc.start]:02X} is not UTF-8; write the column as UTF-8 strings"
-                yield number, RowError(number, None, "(row)", reason)
-                continue
-            yield number, {key: value for key, value in record.items() if value is not None}
+    if uri.startswith("s3://"):
+        with io.BufferedReader(_Ranged(uri), 1 << 20) as source:
+            yield pq.ParquetFile(source)
+        return
+    path = local_path(uri)
+    if not path.is_file():
+        raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
+    yield pq.ParquetFile(path)
+
+
+def _row_groups(piece: Piece, groups: int) -> list[int]:
+    return list(range(piece.start, groups if piece.end is None else piece.end))
+
+
+def parquet_record(batch: pa.Table | pa.RecordBatch, index: int, number: int) -> Raw:
+    """Row `index` of the batch as the per-row reader sees it: a null cell is an absent key."""
+    try:
+        (record,) = batch.slice(index, 1).to_pylist()
+    except UnicodeDecodeError as exc:  # a string column holding bytes that are not UTF-8
+        reason = f"byte 0x{exc.object[exc.start]:02X} is not UTF-8; write the column as UTF-8 strings"
+        return RowError(number, None, "(row)", reason)
+    return {key: value for key, value in record.items() if value is not None}
+
+
+def _parquet(piece: Piece) -> Iterator[tuple[int, Raw]]:
+    number = piece.first
+    with _parquet_file(piece.uri) as parquet:
+        groups = _row_groups(piece, parquet.num_row_groups)
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups):
+            for index in range(batch.num_rows):
+                yield number, parquet_record(batch, index, number)
+                number += 1
+
+
+def parquet_table(piece: Piece) -> pa.Table | None:
+    """The piece's row groups as one table, or None where a string is not UTF-8 (Parquet does
+    not check on write; the per-row reader fails those rows alone). Columns are widened to
+    the types columnar planning reads (polars writes large strings, pandas categories as
+    dictionaries, numpy int32 and float32): each cell's Python value stays what it was."""
+    with _parquet_file(piece.uri) as parquet:
+        table = parquet.read_row_groups(_row_groups(piece, parquet.num_row_groups), use_threads=False)
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid:
+        return None
+    for at, field in enumerate(table.schema):
+        wide = _wide(field.type)
+        if wide != field.type:
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a uint64 past int64, say
+                table = table.set_column(at, field.name, table.column(at).cast(wide))
+    return table
+
+
+def _wide(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(kind):
+        return _wide(kind.value_type)
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_integer(kind):
+        return pa.int64()
+    if pa.types.is_floating(kind):
+        return pa.float64()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind):
+        return pa.list_(_wide(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_wide(f.type)) for f in kind])
+    return kind
+
+
+def _parquet_pieces(uri: str) -> list[Piece]:
+    """Runs of whole row groups of at most PIECE_ROWS rows (a larger group is a piece alone)."""
+    with _parquet_file(uri) as parquet:
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    pieces, start, first, rows = [], 0, 1, 0
+    for group, size in enumerate(sizes):
+        if rows and rows + size > PIECE_ROWS:
+            pieces.append(Piece(uri, start, group, first))
+            start, first, rows = group, first + rows, 0
+        rows += size
+    return [*pieces, Piece(uri, start, len(sizes), first)]
 
 
 def _suffix(uri: str) -> str:
@@ -228,16 +330,11 @@ def _suffix(uri: str) -> str:
 
 def read_raw(piece: Piece) -> Iterator[tuple[int, Raw]]:
     """(row number, raw row or the reason it could not be parsed), streaming."""
-    suffix = _suffix(piece.uri)
+    if is_parquet(piece.uri):
+        yield from _parquet(piece)
+        return
     with _binary(piece) as stream:
-        if suffix == ".parquet":
-            with tempfile.NamedTemporaryFile(suffix=".parquet") as local:
-                # Parquet needs random access; fetch once, then read it batch by batch.
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    local.write(chunk)
-                local.flush()
-                yield from _parquet(Path(local.name))
-        elif suffix == ".csv":
+        if _suffix(piece.uri) == ".csv":
             yield from _csv(stream)
         else:
             yield from jsonl_rows(stream, piece.first)
@@ -321,6 +418,10 @@ def is_jsonl(uri: str) -> bool:
     return _suffix(uri) in (".jsonl", ".ndjson", ".json")
 
 
+def is_parquet(uri: str) -> bool:
+    return _suffix(uri) == ".parquet"
+
+
 def piece_data(piece: Piece) -> bytes:
     with _binary(piece) as stream:
         return stream.read()
@@ -339,19 +440,30 @@ def _ids(rows: Iterator[tuple[int, Raw]]) -> tuple[np.ndarray, list[int], int]:
     return string_hashes(ids), numbers, count
 
 
-def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
-    """The id hashes and row numbers of a JSONL piece, and its row count; read as Arrow
-    columns where pyarrow reads the ids exactly (strings or int64), else row by row."""
-    lines = lines_of(data, first)
-    table = read_table(data, lines)
-    ids = table.column("id") if table is not None and "id" in table.column_names else None
-    if table is not None and ids is None:
+def _table_ids(table: pa.Table, numbers: np.ndarray) -> tuple[np.ndarray, list[int], int] | None:
+    """The id hashes and row numbers of a piece read as Arrow columns, and its row count; None
+    where the ids are not read exactly (strings or int64)."""
+    if "id" not in table.column_names:
         return string_hashes([]), [], table.num_rows
-    if table is None or not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
-        return _ids(jsonl_rows(io.BytesIO(data), first))
+    ids = table.column("id")
+    if not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
+        return None
     present = ids.is_valid()
     hashes = string_hashes(ids.filter(present).cast(pa.string()))
-    return hashes, lines.numbers[present.to_numpy(zero_copy_only=False)].tolist(), table.num_rows
+    return hashes, numbers[present.to_numpy(zero_copy_only=False)].tolist(), table.num_rows
+
+
+def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
+    lines = lines_of(data, first)
+    table = read_table(data, lines)
+    found = _table_ids(table, lines.numbers) if table is not None else None
+    return _ids(jsonl_rows(io.BytesIO(data), first)) if found is None else found
+
+
+def _parquet_ids(piece: Piece) -> tuple[np.ndarray, list[int], int]:
+    table = parquet_table(piece)
+    found = _table_ids(table, piece.first + np.arange(table.num_rows)) if table is not None else None
+    return _ids(read_raw(piece)) if found is None else found
 
 
 def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
@@ -360,8 +472,13 @@ def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
     One read of the manifest."""
     hashes, numbers = [], array.array("q")
     pieces, rows = [], 0
-    parts = ((p, _piece_ids(data, p.first)) for p, data in _cut(uri, piece_bytes)) if is_jsonl(uri) else None
-    for piece, (found, at, count) in parts or [(Piece(uri), _ids(read_raw(Piece(uri))))]:
+    if is_jsonl(uri):
+        parts: Iterator[tuple[Piece, Any]] = ((p, _piece_ids(data, p.first)) for p, data in _cut(uri, piece_bytes))
+    elif is_parquet(uri):
+        parts = ((p, _parquet_ids(p)) for p in _parquet_pieces(uri))
+    else:  # CSV: one piece, as a quoted cell may hold a line end, so no byte tells where rows end
+        parts = iter([(Piece(uri), _ids(read_raw(Piece(uri))))])
+    for piece, (found, at, count) in parts:
         pieces.append(piece)
         hashes.append(found)
         numbers.extend(at)

@@ -20,9 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from svd_batch.columnar import Counted, Planned, plan_piece
+from svd_batch.columnar import Counted, Planned, plan_parquet, plan_piece, row_by_row
 from svd_batch.ledger import Progress, progress
-from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, is_jsonl, piece_data, read_piece, survey
+from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, is_jsonl, is_parquet, piece_data, read_raw, survey
 from svd_batch.plan import Planner, RowError
 from svd_batch.schema import WORK_SCHEMA, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import StorageError, open_storage
@@ -160,10 +160,10 @@ def _planned(
     draining: Callable[[], bool],
 ) -> Iterator[Planned]:
     if is_jsonl(piece.uri):
-        yield from plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed, draining)
-        return
-    for planned in planner.plan(read_piece(piece, duplicates), earlier, retry_failed):
-        yield Counted("skipped", 1) if planned is None else planned
+        return plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed, draining)
+    if is_parquet(piece.uri):
+        return plan_parquet(planner, piece, duplicates, earlier, retry_failed, draining)
+    return row_by_row(planner, read_raw(piece), duplicates, earlier, retry_failed)
 
 
 def _hand_on(control: Any, counts: Counter[str], items: int, window: int, draining: bool) -> bool:
