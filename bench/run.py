@@ -240,11 +240,13 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def planning(model: Path, rows: int, mode: str, every: int | None) -> dict[str, Any]:
+def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "jsonl") -> dict[str, Any]:
     """A job on a synthetic manifest, in a fresh process so its peak RSS is its own. `every`:
     an earlier run made all rows but each every-th (0: all of them; None: no earlier run).
     mode plan: planning alone (the run is stopped before it starts); first: until the first
-    video is committed; run: a whole run."""
+    video is committed; run: a whole run. kind parquet: the same rows as a Parquet manifest
+    in row groups of 64k rows (pieces are whole row groups: one group of 1M rows, pyarrow's
+    default size, would be one piece)."""
     import shutil
 
     from svd_batch.driver import load_spec
@@ -263,12 +265,17 @@ def planning(model: Path, rows: int, mode: str, every: int | None) -> dict[str, 
             for i in range(rows):
                 f.write(json.dumps({"id": f"row-{i:08d}", "image": f"img/{i % 1000}.png", "tags": {"shard": i % 64}}))
                 f.write("\n")
+    if kind == "parquet" and not (folder / "manifest.parquet").exists():
+        import pyarrow.json as pj
+        import pyarrow.parquet as pq
+
+        pq.write_table(pj.read_json(manifest), folder / "manifest.parquet", row_group_size=65536)
     spec_path = folder / "job.yaml"
     spec_path.write_text(
         json.dumps(
             {
                 "name": "plan",
-                "manifest": "manifest.jsonl",
+                "manifest": f"manifest.{kind}",
                 "output": "out",
                 "model": {"path": str(model)},
                 "defaults": PARAMS,
@@ -401,10 +408,11 @@ def machine() -> dict[str, Any]:
 
 
 SECTIONS = ("jobs", "planning", "metadata", "loading")
-PLANNING = [  # name, manifest rows, mode, done (all but each every-th row; 0: all; None: none)
+PLANNING: list[tuple[Any, ...]] = [  # name, rows, mode, done (all but each every-th row; 0: all; None: none)[, kind]
     ("plan_100k", 100_000, "plan", 100),
     ("plan_1m", 1_000_000, "plan", 100),
     ("plan_10m", 10_000_000, "plan", 100),
+    ("plan_1m_parquet", 1_000_000, "plan", 100, "parquet"),
     ("first_1k", 1_000, "first", None),  # the same job on a small manifest: worker start and first call
     ("first_1m", 1_000_000, "first", None),
     ("rerun_1m", 1_000_000, "run", 0),
@@ -436,8 +444,8 @@ def main(sections: list[str]) -> None:
         results["job_2w"] = job_run(model, 2, 4)
         ray.shutdown()
     if "planning" in sections:
-        for name, rows, mode, every in PLANNING:
-            results[name] = planning(model, rows, mode, every)
+        for name, *point in PLANNING:
+            results[name] = planning(model, *point)
             print(name, json.dumps(results[name]), flush=True)
     if "metadata" in sections:
         results["metadata"] = metadata_rate()
@@ -454,6 +462,7 @@ def table(r: dict[str, Any]) -> str:
     busy1 = min(j1["busy"].values())
     busy2 = ", ".join(f"{v:.2f}" for v in j2["busy"].values())
     p1, pm, p10, f1, r1 = r["plan_100k"], r["plan_1m"], r["plan_10m"], r["first_1m"], r["rerun_1m"]
+    pp = r["plan_1m_parquet"]
     m, ld = r["metadata"], r["loading"]
     lines = [
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
@@ -475,6 +484,8 @@ def table(r: dict[str, Any]) -> str:
         "< 120 s; < 1 GiB |",
         f"| 5 planning 1M rows, 990k done: seconds; driver peak RSS; object store peak | "
         f"{pm['seconds']:.1f} s; {pm['peak_rss_mb']:.0f} MiB; {pm['object_store_peak_mib']:.0f} MiB | |",
+        f"| 5 planning 1M rows as Parquet, 990k done: seconds; driver peak RSS; object store peak | "
+        f"{pp['seconds']:.1f} s; {pp['peak_rss_mb']:.0f} MiB; {pp['object_store_peak_mib']:.0f} MiB | |",
         f"| 5 planning 100k rows, 99k done: seconds; driver peak RSS; object store peak | {p1['seconds']:.1f} s; "
         f"{p1['peak_rss_mb']:.0f} MiB; {p1['object_store_peak_mib']:.0f} MiB | RSS flat |",
         f"| 5 fresh manifest: seconds from `run` to the first committed video, 1M rows; 1k rows | "

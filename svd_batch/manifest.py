@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 from pydantic import ValidationError
 
+from svd_batch.errors import first_line
 from svd_batch.hashes import string_hashes
 from svd_batch.plan import RowError
 from svd_batch.schema import RENDER_FIELDS, ManifestRow, explain
@@ -239,14 +240,22 @@ class _Ranged(io.RawIOBase):
 def _parquet_file(uri: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
+    def opened(source: Any) -> Any:
+        try:
+            return pq.ParquetFile(source)
+        except pa.ArrowException as exc:
+            raise ManifestError(
+                f"manifest {uri} is not a Parquet file ({first_line(exc)}); write it with a Parquet writer"
+            ) from None
+
     if uri.startswith("s3://"):
         with io.BufferedReader(_Ranged(uri), 1 << 20) as source:
-            yield pq.ParquetFile(source)
+            yield opened(source)
         return
     path = local_path(uri)
     if not path.is_file():
         raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
-    yield pq.ParquetFile(path)
+    yield opened(path)
 
 
 def _row_groups(piece: Piece, groups: int) -> list[int]:

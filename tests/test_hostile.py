@@ -143,17 +143,24 @@ def test_a_huge_row_is_refused_and_the_rows_after_it_still_read(tmp_path: Path) 
     assert isinstance(rows[1], RowError) and rows[1].line == 3
 
 
-def test_an_empty_manifest_stops_the_job_with_one_line(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "error"),
+    [
+        ("manifest.jsonl", "\n\n", "has no rows; add one JSON object (or CSV/Parquet row) per input image"),
+        ("manifest.parquet", "id,image\n", "is not a Parquet file (Parquet magic bytes not found in footer. Either "),
+    ],
+)
+def test_an_empty_or_unreadable_manifest_stops_the_job_with_one_line(
+    tmp_path: Path, tiny_model: Path, name: str, content: str, error: str
+) -> None:
     spec = tmp_path / "job.yaml"
-    (tmp_path / "manifest.jsonl").write_text("\n\n")
-    spec.write_text(f"name: e\nmanifest: manifest.jsonl\noutput: out\nmodel: {{path: {tiny_model}}}\n")
+    (tmp_path / name).write_text(content)
+    spec.write_text(f"name: e\nmanifest: {name}\noutput: out\nmodel: {{path: {tiny_model}}}\n")
     for command in ("validate", "run"):
         done = cli(command, str(spec))
-        assert done.returncode == 2
-        assert (
-            f"error: manifest {tmp_path / 'manifest.jsonl'} has no rows; "
-            "add one JSON object (or CSV/Parquet row) per input image"
-        ) in done.stderr.splitlines()
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: manifest {tmp_path / name} {error}")
 
 
 PATH_IDS = ["../../escape", "/etc/escape", "L" * 1000, "caf\u00e9", "cafe\u0301"]
