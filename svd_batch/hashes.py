@@ -1,5 +1,6 @@
 """64-bit hashes of strings, vectorised: the ledger's done keys, the keys planning makes and the
-survey's ids are millions of strings, and a hash a string in Python takes seconds per million.
+survey's ids are millions of strings, and hashing them one Python call at a time takes seconds
+per million.
 
 pandas' `hash_array` (SipHash with a fixed key) is stable within one install, which is all
 these need: every hash is compared only with hashes made in the same run, never stored."""
