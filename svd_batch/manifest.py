@@ -60,6 +60,13 @@ class Piece:
     first: int = 1
 
 
+def _local(uri: str) -> Path:
+    path = local_path(uri)
+    if not path.is_file():
+        raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
+    return path
+
+
 @contextmanager
 def _binary(piece: Piece) -> Iterator[io.BufferedIOBase]:
     uri = piece.uri
@@ -70,10 +77,7 @@ def _binary(piece: Piece) -> Iterator[io.BufferedIOBase]:
         finally:
             body.close()
         return
-    path = local_path(uri)
-    if not path.is_file():
-        raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
-    with path.open("rb") as handle:
+    with _local(uri).open("rb") as handle:
         if piece.start or piece.end is not None:
             handle.seek(piece.start)
             yield io.BytesIO(handle.read(-1 if piece.end is None else piece.end - piece.start))
@@ -252,10 +256,7 @@ def _parquet_file(uri: str) -> Iterator[Any]:
         with io.BufferedReader(_Ranged(uri), 1 << 20) as source:
             yield opened(source)
         return
-    path = local_path(uri)
-    if not path.is_file():
-        raise StorageError(f"manifest {path} does not exist; fix `manifest:` in the job spec")
-    yield opened(path)
+    yield opened(_local(uri))
 
 
 def _row_groups(piece: Piece, groups: int) -> list[int]:
