@@ -2,7 +2,7 @@
 
 Everything runs in one go on this machine with the tiny model, and is printed as a table and
 written to bench/results/latest.json. Nothing here is asserted: the numbers are reported.
-`python -m bench.run planning` (or jobs, metadata, loading) runs some sections only, and the
+`python -m bench.run planning` (or jobs, scoring, metadata, loading) runs some sections only, and the
 table says when each section last ran.
 
 1 overhead   1-worker job (Ray, encode, upload) vs a bare in-process loop over the same rows
@@ -15,6 +15,8 @@ table says when each section last ran.
 6 metadata   rows/s committed to Parquet; part files after a 100k-row run
 7 loading    full-size SVD-XT (random weights, built once into .cache/svd-xt): a loading
              process's peak RSS / the size of its weights, and the load time
+8 scoring    score time / render time at the tiny model's size; a 576x1024x25 clip's
+             frame scores in seconds, beside its MP4 encode
 """
 
 from __future__ import annotations
@@ -67,10 +69,8 @@ def write_job(name: str, rows: int, workers: int, batch: int, model: Path) -> Pa
     return folder / "job.yaml"
 
 
-def bare_loop(model: Path, batch: int) -> float:
-    """Videos per second of the pipeline alone: no Ray, no encoding, no upload."""
-    from PIL import Image
-
+def _batches(model: Path, batch: int) -> tuple[Any, list[list[Any]]]:
+    """An in-process renderer, warmed up as a worker's first call is, and ROWS requests in batches."""
     from jobs.demo.make_inputs import picture
     from svd_batch.engine.loader import load_pipeline
     from svd_batch.engine.renderer import Renderer, VideoRequest
@@ -79,12 +79,61 @@ def bare_loop(model: Path, batch: int) -> float:
 
     renderer = Renderer(load_pipeline(ModelSpec(path=model)), max_batch=batch)
     params = renderer.resolve(RenderParams(**PARAMS))
-    images: list[Image.Image] = [fit(picture(i, (48, 40)), 32, 32, "crop") for i in range(ROWS)]
-    renderer.render([VideoRequest(images[0], params, 0)])  # warm-up, as a worker's first call is
+    requests = [VideoRequest(fit(picture(i, (48, 40)), 32, 32, "crop"), params, i) for i in range(ROWS)]
+    renderer.render(requests[:1])
+    return renderer, [requests[first : first + batch] for first in range(0, ROWS, batch)]
+
+
+def bare_loop(model: Path, batch: int) -> float:
+    """Videos per second of the pipeline alone: no Ray, no encoding, no upload."""
+    renderer, batches = _batches(model, batch)
     start = time.perf_counter()
-    for first in range(0, ROWS, batch):
-        renderer.render([VideoRequest(img, params, first + i) for i, img in enumerate(images[first : first + batch])])
+    for requests in batches:
+        renderer.render(requests)
     return ROWS / (time.perf_counter() - start)
+
+
+def scoring(model: Path) -> dict[str, Any]:
+    """What scoring costs. At the tiny model's size: as a fraction of render time, the way a
+    worker scores (frame scores per video, one image-encoder call per batch). At SVD-XT's
+    576x1024x25 (frames only, no model): seconds, beside the MP4 encode of the same clip."""
+    import tempfile
+
+    import numpy as np
+
+    from svd_batch.encode import encode
+    from svd_batch.scores import consistency, score_clip
+
+    renderer, batches = _batches(model, 4)
+    rendering = scoring_s = 0.0
+    for requests in batches:
+        started = time.perf_counter()
+        videos = renderer.render(requests)
+        rendering += time.perf_counter() - started
+        started = time.perf_counter()
+        fitted = [np.asarray(r.image) for r in requests]
+        similar = consistency(renderer.image_embeddings, fitted, [v.frames for v in videos])
+        for image, video, c in zip(fitted, videos, similar, strict=True):
+            score_clip(video.frames, image, c)
+        scoring_s += time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    canvas = rng.integers(0, 256, (576, 1024 + 25 * 4, 3), dtype=np.uint8)
+    clip = np.stack([canvas[:, 4 * i : 4 * i + 1024] for i in range(25)])  # a 4 px/frame pan
+    started = time.perf_counter()
+    full = score_clip(clip, clip[0])
+    full_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        encode(clip, "mp4", 7.0, Path(tmp), "clip")
+        encode_s = time.perf_counter() - started
+    return {
+        "tiny_fraction": scoring_s / rendering,
+        "tiny_score_s_per_video": scoring_s / ROWS,
+        "tiny_render_s_per_video": rendering / ROWS,
+        "full_score_s": full_s,
+        "full_encode_s": encode_s,
+        "full_motion": full.motion,
+    }
 
 
 def job_run(model: Path, workers: int, batch: int) -> dict[str, Any]:
@@ -407,7 +456,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("jobs", "planning", "metadata", "loading")
+SECTIONS = ("jobs", "planning", "metadata", "loading", "scoring")
 PLANNING: list[tuple[Any, ...]] = [  # name, rows, mode, done (all but each every-th row; 0: all; None: none)[, kind]
     ("plan_100k", 100_000, "plan", 100),
     ("plan_1m", 1_000_000, "plan", 100),
@@ -443,6 +492,8 @@ def main(sections: list[str]) -> None:
         results["job_1w"] = job_run(model, 1, 4)
         results["job_2w"] = job_run(model, 2, 4)
         ray.shutdown()
+    if "scoring" in sections:
+        results["scoring"] = scoring(model)
     if "planning" in sections:
         for name, *point in PLANNING:
             results[name] = planning(model, *point)
@@ -457,21 +508,11 @@ def main(sections: list[str]) -> None:
     print(table(results))
 
 
-def table(r: dict[str, Any]) -> str:
+def _jobs_rows(r: dict[str, Any]) -> list[str]:
     j1, j2 = r["job_1w"], r["job_2w"]
     busy1 = min(j1["busy"].values())
     busy2 = ", ".join(f"{v:.2f}" for v in j2["busy"].values())
-    p1, pm, p10, f1, r1 = r["plan_100k"], r["plan_1m"], r["plan_10m"], r["first_1m"], r["rerun_1m"]
-    pp = r["plan_1m_parquet"]
-    m, ld = r["metadata"], r["loading"]
-    lines = [
-        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
-        f"ray {r['machine']['ray']}; sections run "
-        + ", ".join(f"{name} {when}" for name, when in r.get("ran", {}).items()),
-        f"tiny model, {r['rows']} rows, {r['params']}",
-        "",
-        "| measure | value | target |",
-        "| --- | --- | --- |",
+    return [
         f"| 1 overhead: 1-worker job / bare loop (videos/s, batch 4) | {j1['videos_per_s']:.3f} / "
         f"{r['bare_batch4_vps']:.3f} = **{j1['videos_per_s'] / r['bare_batch4_vps']:.2f}** | >= 0.90 |",
         f"| 2 device busy fraction, 1 worker; 2 workers | **{busy1:.2f}**; {busy2} | >= 0.95 |",
@@ -479,6 +520,23 @@ def table(r: dict[str, Any]) -> str:
         f"**{r['bare_batch4_vps'] / r['bare_batch1_vps']:.2f}x** | |",
         f"| 4 scaling: 2 workers vs 1 | {j2['videos_per_s']:.3f} / {j1['videos_per_s']:.3f} = "
         f"**{j2['videos_per_s'] / j1['videos_per_s']:.2f}x** | (2 cores) |",
+    ]
+
+
+def _scoring_rows(r: dict[str, Any]) -> list[str]:
+    sc = r["scoring"]
+    return [
+        f"| 8 scoring, tiny model: score time / render time (per video {sc['tiny_score_s_per_video'] * 1e3:.0f} ms "
+        f"/ {sc['tiny_render_s_per_video']:.2f} s) | **{sc['tiny_fraction']:.1%}** | < 5% |",
+        f"| 8 scoring a 576x1024x25 clip (frames only): seconds; / its MP4 encode ({sc['full_encode_s']:.2f} s) | "
+        f"**{sc['full_score_s']:.2f} s**; {sc['full_score_s'] / sc['full_encode_s']:.2f}x | |",
+    ]
+
+
+def _planning_rows(r: dict[str, Any]) -> list[str]:
+    p1, pm, p10, f1, r1 = r["plan_100k"], r["plan_1m"], r["plan_10m"], r["first_1m"], r["rerun_1m"]
+    pp = r["plan_1m_parquet"]
+    return [
         f"| 5 planning 10M rows, 9.9M done: seconds; driver peak RSS; object store peak | "
         f"**{p10['seconds']:.1f} s**; **{p10['peak_rss_mb']:.0f} MiB**; {p10['object_store_peak_mib']:.0f} MiB | "
         "< 120 s; < 1 GiB |",
@@ -492,12 +550,44 @@ def table(r: dict[str, Any]) -> str:
         f"**{f1['first_video_s']:.1f} s**; {r['first_1k']['first_video_s']:.1f} s | < 30 s |",
         f"| 5 rerun of a finished 1M-row job: metadata written; rendered | "
         f"**{r1['bytes_written'] / 1e6:.3f} MB**; {r1['counts'].get('ok', 0)} | < 1 MB; 0 |",
+    ]
+
+
+def _metadata_rows(r: dict[str, Any]) -> list[str]:
+    m = r["metadata"]
+    return [
         f"| 6 metadata: rows/s committed; parts committed -> files after a 100k-row run | "
         f"**{m['rows_per_s']:,.0f}**; {m['parts_committed']} -> {m['files_after']} file "
         f"({m['bytes_after'] / 1e6:.1f} MB) | |",
+    ]
+
+
+def _loading_rows(r: dict[str, Any]) -> list[str]:
+    ld = r["loading"]
+    return [
         f"| 7 loading {ld['preset']}: peak RSS / weights; load time | {ld['peak_rss_bytes'] / 2**30:.1f} GiB / "
         f"{ld['weight_bytes'] / 2**30:.1f} GiB = **{ld['ratio']:.2f}**; {ld['seconds']:.0f} s | <= 1.3 |",
     ]
+
+
+ROWS_OF = {"jobs": _jobs_rows, "planning": _planning_rows, "metadata": _metadata_rows, "loading": _loading_rows,
+           "scoring": _scoring_rows}  # fmt: skip
+
+
+def table(r: dict[str, Any]) -> str:
+    """The sections on record (a machine where only some have run shows those)."""
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; mindspore {r['machine']['mindspore']}, "
+        f"ray {r['machine']['ray']}; sections run "
+        + ", ".join(f"{name} {when}" for name, when in r.get("ran", {}).items()),
+        f"tiny model, {r['rows']} rows, {r['params']}",
+        "",
+        "| measure | value | target |",
+        "| --- | --- | --- |",
+    ]
+    for name in SECTIONS:
+        if name in r.get("ran", {}):
+            lines += ROWS_OF[name](r)
     return "\n".join(lines)
 
 

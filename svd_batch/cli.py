@@ -223,6 +223,8 @@ def run(
             minutes = max((time.monotonic() - started) / 60, 1e-9)
             rate = counts.get("ok", 0) / minutes
             detail = f"ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  skipped {counts.get('skipped', 0)}"
+            if counts.get("rejected"):
+                detail += f"  rejected {counts['rejected']}"
             bar.update(task, total=total, completed=finished, detail=f"{detail}  {rate:.1f} videos/min")
 
         runner = Job(
@@ -255,9 +257,12 @@ def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{spec.name}  run {run_id}")
-    for name in ("ok", "failed", "skipped", "left"):
+    names = ("ok", "failed", "skipped", "left")
+    if counts.get("rejected"):  # only where quality gates rejected rows
+        names = ("ok", "rejected", *names[1:])
+    for name in names:
         table.add_column(name, justify="right")
-    table.add_row(*(str(counts.get(n, 0)) for n in ("ok", "failed", "skipped", "left")))
+    table.add_row(*(str(counts.get(n, 0)) for n in names))
     out.print(table)
     out.print(f"videos:   {spec.output}")
     out.print(f"metadata: {spec.metadata_uri}")
@@ -345,13 +350,16 @@ def report(
     to: Annotated[
         str | None, typer.Option("--to", help="Where to write the page (default OUTPUT/report.html).")
     ] = None,
+    by: Annotated[
+        str, typer.Option("--by", help="The score whose best and worst clips are shown, e.g. score_consistency.")
+    ] = "score_motion",
 ) -> None:
-    """Write one self-contained HTML report: counts, failures by kind, timings, poster frames."""
+    """Write one self-contained HTML report: counts, failures by kind, timings, scores, poster frames."""
     from svd_batch import report as reports
 
     source = metadata or metadata_location(output)
     try:
-        written = reports.write(source, to or output.rstrip("/") + "/report.html")
+        written = reports.write(source, to or output.rstrip("/") + "/report.html", by=by)
     except Exception as exc:
         raise fail(f"cannot report on {source}: {first_line(exc)}") from None
     out.print(f"report: {written}")

@@ -1,9 +1,10 @@
 """The ledger: what earlier runs made, what each run did, and which run holds the output now.
 
 One definition serves status, report and resume alike: the *latest* row of a key is the
-newest row a run produced for it (`ok` or `failed`; `skipped` rows of older versions are not
-produced rows and are ignored). A key is *done* when its latest row is `ok` and carries a URI
-for every format the spec asks for. A failed key comes back on the next plain run when its
+newest row a run produced for it (`ok`, `failed` or `rejected`; `skipped` rows of older
+versions are not produced rows and are ignored). A key is *done* when its latest row is `ok`
+and carries a URI for every format the spec asks for, or is `rejected` (its gates are in its
+key: changed gates make new keys, judged again). A failed key comes back on the next plain run when its
 failure was retryable; a final failure waits for `--retry-failed`.
 
 Each run leaves `runs/<run_id>.json` beside the metadata folder (schema.RunRecord), and holds a lease while it runs:
@@ -56,7 +57,7 @@ def _latest(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     """`latest`, and the hash of each of its keys. Only rows whose key hash repeats are
     ordered, and by hash, not by key: at ten million keys a sort of strings (or Arrow's hash
     grouping) takes 13 s. Two keys of one hash are told apart by a sort of the strings."""
-    produced = pc.is_in(table.column("status"), pa.array([Status.ok.value, Status.failed.value]))
+    produced = pc.is_in(table.column("status"), pa.array([s.value for s in Status]))
     if not pc.all(produced).as_py():  # a copy of the table, so only where skipped rows are there
         table = table.filter(produced)
     hashes = string_hashes(table.column("key"))
@@ -119,7 +120,7 @@ class KeySet:
 class Progress:
     """What earlier runs left for this one, from the latest row of every key."""
 
-    done: KeySet  # every asked-for format committed ok
+    done: KeySet  # every asked-for format committed ok, or rejected by its gates
     kept: dict[str, dict[str, str]]  # ok, but formats missing: the URIs of those it has
     final: KeySet  # failed for good: rendered again only with --retry-failed
 
@@ -141,7 +142,7 @@ def progress(
         made = pc.fill_null(pc.not_equal(uri, ""), False)
         have[column] = made if present is None else pc.and_(made, pc.is_in(uri, value_set=present))
     count = functools.reduce(pc.add, [pc.cast(m, pa.int64()) for m in have.values()])
-    done = pc.and_(ok, pc.equal(count, len(wanted)))
+    done = pc.or_(pc.and_(ok, pc.equal(count, len(wanted))), pc.equal(table.column("status"), Status.rejected.value))
     partial = pc.and_(ok, pc.and_(pc.greater(count, 0), pc.less(count, len(wanted))))
     if exclude_run is not None:
         mine = pc.equal(table.column("run_id"), exclude_run)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from svd_batch.inputs import InputError, InputPolicy, manifest_dir
 from svd_batch.ledger import Progress
-from svd_batch.schema import JobSpec, ManifestRow, RenderParams, WorkItem, explain
+from svd_batch.schema import JobSpec, ManifestRow, QualityGates, RenderParams, WorkItem, explain
 
 SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 SAFE_ID_LENGTH = 64
@@ -38,6 +38,17 @@ def derive_seed(job_seed: int, row_id: str) -> int:
     so seed + video index (at most 63) always stays a valid int64."""
     digest = hashlib.sha256(f"{job_seed}\x00{row_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 2
+
+
+# Tries after the first render above every seed a row gets without setting one (derive_seed plus
+# a video index), so a gated row's next seed never repeats another row's first.
+RETRY_SEEDS = 2**62 + 64
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The seed of try `attempt` (1, 2, ...) of a gated video whose first seed is `seed`."""
+    digest = hashlib.sha256(f"{seed}\x00{attempt}".encode()).digest()
+    return RETRY_SEEDS + (int.from_bytes(digest[:8], "big") >> 3)
 
 
 def safe_name(row_id: str) -> str:
@@ -63,6 +74,11 @@ class RowError(ValueError):
 
 
 def freeze(value: Any) -> Any:
+    """A hashable stand-in for a parameter value (they are cache keys); an object read from
+    columns (a row's `quality`) becomes pairs, which validation refuses: such a row is read
+    row by row."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -107,6 +123,8 @@ class Planner:
         self.base = spec.manifest_base or manifest_dir(manifest_uri)
         self.inputs = InputPolicy.for_spec(spec)
         self.defaults = spec.defaults.model_dump()
+        if spec.quality is not None:
+            self.defaults["quality"] = spec.quality.model_dump()
         model = {"weights": weights, "dtype": spec.model.dtype, "variant": spec.model.variant}
         self.model_json = json.dumps(model, sort_keys=True)
 
@@ -131,10 +149,15 @@ class Planner:
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one planner per job; the cache dies with it)
     def _params(self, overrides: tuple[tuple[str, Any], ...]) -> tuple[RenderParams, str]:
-        params = RenderParams.model_validate({**self.defaults, **dict(overrides)})
+        given = dict(overrides)
+        if isinstance(given.get("quality"), QualityGates) and self.defaults["quality"] is not None:
+            # A row's gates refine the job's, gate by gate.
+            given["quality"] = {**self.defaults["quality"], **given["quality"].model_dump(exclude_unset=True)}
+        params = RenderParams.model_validate({**self.defaults, **given})
         if params.latents is not None:
             params = params.model_copy(update={"latents": join_uri(self.base, params.latents)})
-        return params, params.model_dump_json()
+        # Ungated parameters serialise as before gates existed, so existing keys stay.
+        return params, params.model_dump_json(exclude=None if params.quality else {"quality"})
 
     def resolve(self, row: ManifestRow, line: int) -> list[Resolved]:
         """The work items (one per output video) of a valid row, after the spec's sweep."""

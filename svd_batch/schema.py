@@ -46,6 +46,43 @@ Positive = Annotated[int, Field(gt=0)]
 MAX_SIDE = 4096
 
 
+class ClipScores(BaseModel):
+    """A clip's scores (scores.py; units in the README): the `score_*` columns of its row."""
+
+    motion: float | None = None  # None for a single frame: there is nothing to move between
+    flicker: float | None = None
+    sharpness: float | None = None
+    fidelity: float | None = None
+    consistency: float | None = None
+
+
+class QualityGates(Strict):
+    """Thresholds a clip must meet, and how many seeds it gets to meet them (worker.py).
+
+    A gate is `min_<score>` or `max_<score>`; a score that could not be measured (motion of a
+    one-frame clip) does not meet its gate.
+    """
+
+    min_motion: float | None = None
+    max_motion: float | None = None
+    max_flicker: float | None = None
+    min_sharpness: float | None = None
+    min_fidelity: float | None = None
+    min_consistency: float | None = None
+    max_tries: Annotated[int, Field(ge=1, le=16)] = 1
+    keep_rejected: bool = False  # upload the best try of a rejected row (its URIs are then set)
+
+    def failed(self, scores: ClipScores) -> list[str]:
+        """The gates these scores do not meet, by name."""
+        missed = []
+        for gate, bound in self.model_dump(exclude={"max_tries", "keep_rejected"}).items():
+            side, _, score = gate.partition("_")
+            value = getattr(scores, score)
+            if bound is not None and (value is None or (value < bound if side == "min" else value > bound)):
+                missed.append(gate)
+        return missed
+
+
 class RenderParams(Strict):
     """Every parameter of the pipeline call, plus how the input is fitted and exported."""
 
@@ -66,6 +103,8 @@ class RenderParams(Strict):
     fit: FitPolicy = FitPolicy.crop
     export_fps: Annotated[float, Field(gt=0, le=240)] = 7.0  # frame rate of the written file
     latents: str | None = None  # .npy of initial latents (B, F, C, H/8, W/8), path or s3:// URI
+    # Part of the key when set (plan.py), so changed gates judge their rows again.
+    quality: QualityGates | None = None
 
     @model_validator(mode="after")
     def _guidance_order(self) -> RenderParams:
@@ -159,8 +198,9 @@ class WorkersSpec(Strict):
     # A job whose workers produce nothing for this long (e.g. no node has the resources they
     # ask for) stops and says so, instead of waiting forever.
     no_progress_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
-    # One row's render time, at most (a call of n rows gets n times this). Past it the worker
-    # is restarted and the row fails, retryably: a stuck kernel never holds a device all night.
+    # One render's time, at most (a call of n rows gets n times this, a gated row max_tries
+    # times). Past it the worker is restarted and the row fails, retryably: a stuck kernel
+    # never holds a device all night.
     row_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
@@ -188,6 +228,8 @@ class JobSpec(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     # Dataset synthesis: every row becomes one row per combination of these values.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    # Every row's gates; a row's own `quality` overrides them gate by gate.
+    quality: QualityGates | None = None
 
     # One run holds an output at a time; a holder silent for this long is taken over (ledger.py).
     lease_ttl_s: Annotated[float, Field(ge=10)] = 120.0
@@ -263,6 +305,7 @@ class Status(StrEnum):
 
     ok = "ok"
     failed = "failed"
+    rejected = "rejected"  # rendered max_tries times and never met its quality gates: done
 
 
 class Stage(StrEnum):
@@ -273,8 +316,15 @@ class Stage(StrEnum):
     image = "image"
     latents = "latents"
     render = "render"
+    score = "score"  # measuring the frames (scores.py)
     output = "output"  # encoding or upload
     worker = "worker"  # its worker died, timed out or never got to it
+
+
+class TryRecord(BaseModel):
+    seed: int
+    scores: ClipScores
+    failed_gates: list[str]
 
 
 class ResultRow(BaseModel):
@@ -314,6 +364,18 @@ class ResultRow(BaseModel):
     decode_s: float | None = None
     encode_s: float | None = None
     upload_s: float | None = None
+    # The clip's scores (scores.py; units in the README), measured on its frames before encoding.
+    score_motion: float | None = None
+    score_flicker: float | None = None
+    score_sharpness: float | None = None
+    score_fidelity: float | None = None
+    score_consistency: float | None = None
+    score_s: float | None = None
+    # A gated row (params.quality): how many seeds it took, each try's scores, and the gates the
+    # kept try missed (none for ok). `seed` is then the kept try's.
+    tries: int | None = None
+    try_scores: list[TryRecord] | None = None
+    failed_gates: list[str] | None = None
     node: str | None = None  # host / Ray node id
     device: str | None = None
     dtype: str | None = None  # what the video was computed in: the model's, or fp32 after a retry

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
 from svd_batch.inputs import InputPolicy
 from svd_batch.metadata import rows_to_table
+from svd_batch.plan import retry_seed
 from svd_batch.planning import invalid_row, items_from_table
-from svd_batch.schema import Format, JobSpec, ResultRow, Stage, Status, WorkItem
+from svd_batch.schema import ClipScores, Format, JobSpec, ResultRow, Stage, Status, TryRecord, WorkItem
+from svd_batch.scores import consistency, score_clip
 from svd_batch.storage import open_storage
 
 
@@ -46,6 +48,13 @@ class _Prepared:
     item: WorkItem
     row: ResultRow
     request: VideoRequest | None = None
+    tries: list[TryRecord] = field(default_factory=list)  # of a gated row, so far
+    best: tuple[TryRecord, RenderedVideo] | None = None  # the try that missed the fewest gates
+
+
+def _tries(item: WorkItem) -> int:
+    """Renders an item may take: its gates' max_tries."""
+    return item.params.quality.max_tries if item.params.quality else 1
 
 
 class RowWorker:
@@ -65,13 +74,37 @@ class RowWorker:
     def process(self, items: Sequence[WorkItem], attempt: int = 1) -> list[ResultRow]:
         """One result row per item, in order; a bad item never costs another its video."""
         prepared = [self._prepare(item, attempt) for item in items]
-        ready = [p for p in prepared if p.request is not None]
-        for p, video in zip(ready, self._render([p.request for p in ready]), strict=True):
-            if isinstance(video, Exception):
-                self._fail(p, Stage.render, video)
-            else:
-                self._write(p, video)
+        pending = [p for p in prepared if p.request is not None]
+        while pending:  # a gated row that missed a gate goes round again with its next seed
+            rendered = []
+            for p, video in zip(pending, self._render([p.request for p in pending]), strict=True):
+                if isinstance(video, Exception):
+                    self._fail(p, Stage.render, video)
+                else:
+                    rendered.append((p, video))
+            again = []
+            for (p, video), similarity in zip(rendered, self._consistency(rendered), strict=True):
+                if self._judge(p, video, similarity):
+                    again.append(p)
+            pending = again
         return [p.row for p in prepared]
+
+    def _consistency(self, rendered: list[tuple[_Prepared, RenderedVideo]]) -> list[float | Exception]:
+        """Each video's consistency score, from one call of the image encoder for them all."""
+        if not rendered:
+            return []
+        started = time.perf_counter()
+        try:
+            fitted = [np.asarray(p.request.image) for p, _ in rendered]  # type: ignore[union-attr]
+            scores: list[float | Exception] = list(
+                consistency(self.renderer.image_embeddings, fitted, [video.frames for _, video in rendered])
+            )
+        except Exception as exc:
+            scores = [exc] * len(rendered)
+        share = (time.perf_counter() - started) / len(rendered)
+        for p, _ in rendered:
+            p.row.score_s = (p.row.score_s or 0.0) + share
+        return scores
 
     def _prepare(self, item: WorkItem, attempt: int) -> _Prepared:
         row = ResultRow.for_item(
@@ -135,15 +168,67 @@ class RowWorker:
         video.dtype = "fp32"
         return video
 
-    def _write(self, p: _Prepared, video: RenderedVideo) -> None:
+    def _judge(self, p: _Prepared, video: RenderedVideo, similarity: float | Exception) -> bool:
+        """Score a render and write the row, unless it missed a gate with tries left: then
+        True, and the request carries the next seed."""
+        row, request = p.row, p.request
+        assert request is not None
+        row.denoise_s = (row.denoise_s or 0.0) + video.denoise_s  # what every try cost
+        row.decode_s = (row.decode_s or 0.0) + video.decode_s
+        started = time.perf_counter()
+        try:
+            if isinstance(similarity, Exception):
+                raise similarity
+            scores = score_clip(video.frames, np.asarray(request.image), similarity)
+        except Exception as exc:
+            self._fail(p, Stage.score, exc)
+            return False
+        row.score_s = (row.score_s or 0.0) + time.perf_counter() - started
+        gates = row.params.quality
+        if gates is None:
+            self._write(p, video, scores)
+            return False
+        p.tries.append(TryRecord(seed=request.seed, scores=scores, failed_gates=gates.failed(scores)))
+        if not p.tries[-1].failed_gates:
+            self._write(p, video, scores, p.tries[-1])
+            return False
+        if p.best is None or len(p.tries[-1].failed_gates) < len(p.best[0].failed_gates):
+            p.best = (p.tries[-1], video)
+        if len(p.tries) < gates.max_tries:
+            p.request = replace(request, seed=retry_seed(p.item.seed, len(p.tries)))
+            return True
+        best, video = p.best
+        self._write(p, video, best.scores, best, Status.rejected, upload=gates.keep_rejected)
+        return False
+
+    def _write(
+        self,
+        p: _Prepared,
+        video: RenderedVideo,
+        scores: ClipScores,
+        kept_try: TryRecord | None = None,
+        status: Status = Status.ok,
+        upload: bool = True,
+    ) -> None:
         row = p.row
-        row.denoise_s, row.decode_s = video.denoise_s, video.decode_s
+        for name, value in scores.model_dump().items():
+            setattr(row, f"score_{name}", value)
+        if kept_try is not None:
+            row.seed, row.failed_gates = kept_try.seed, kept_try.failed_gates
+            row.tries, row.try_scores = len(p.tries), p.tries
         row.dtype = video.dtype or row.dtype
         planned = p.item.params.decode_chunk_size or row.params.num_frames
         if video.decode_chunk_size != planned:
             row.params = row.params.model_copy(update={"decode_chunk_size": video.decode_chunk_size})
             video.recovery.append(f"out of memory in decode; decode_chunk_size {planned} -> {video.decode_chunk_size}")
         row.recovery = "; ".join(video.recovery) or None
+        if upload:
+            self._upload(p, video)
+        if row.error_stage is None:
+            row.status, row.error, row.ended_at = status, None, _now()
+
+    def _upload(self, p: _Prepared, video: RenderedVideo) -> None:
+        row = p.row
         for column, uri in p.item.kept.items():  # made by an earlier run: kept, not written again
             setattr(row, column, uri)
         missing = [fmt for fmt in self.spec.formats if f"{fmt}_uri" not in p.item.kept]
@@ -167,8 +252,6 @@ class RowWorker:
         except Exception as exc:
             self._fail(p, Stage.output, exc)
             self._discard(row, uploaded)
-            return
-        row.status, row.error, row.ended_at = Status.ok, None, _now()
 
     def _discard(self, row: ResultRow, uploaded: list[str]) -> None:
         """A failed row points at nothing: what it uploaded is deleted, and no URI is kept (a kept
@@ -244,7 +327,7 @@ class RayWorker:
             return rows_to_table(invalid)  # the rest not started: left for the next run
         if not history:
             try:
-                with self._watchdog(control, len(items)):
+                with self._watchdog(control, items):
                     return rows_to_table(invalid + self.worker.process(items))
             finally:
                 self._tell(control, "end")
@@ -266,7 +349,7 @@ class RayWorker:
                 break  # drained meanwhile: the rest are left for the next run
             row = None
             try:
-                with self._watchdog(control, 1):
+                with self._watchdog(control, [item]):
                     (row,) = self.worker.process([item], attempt=past.deaths + 1)
             finally:
                 self._tell(control, "end", {item.key: row.model_dump()} if row else None)
@@ -290,14 +373,17 @@ class RayWorker:
         return None
 
     @contextmanager
-    def _watchdog(self, control: Any, rows: int) -> Iterator[None]:
+    def _watchdog(self, control: Any, items: list[WorkItem]) -> Iterator[None]:
+        rows = len(items)
+
         def expire() -> None:
             if rows == 1:  # alone: the row itself is too slow (with batch-mates: find out one by one)
                 self._tell(control, "timed_out")
             print(f"svd-batch: a call of {rows} row(s) outlived workers.row_timeout_s; restarting", flush=True)
             os._exit(1)
 
-        timer = threading.Timer(self.spec.workers.row_timeout_s * rows, expire)
+        # row_timeout_s is per render: a gated row may take max_tries of them.
+        timer = threading.Timer(self.spec.workers.row_timeout_s * sum(map(_tries, items)), expire)
         timer.daemon = True
         timer.start()
         try:

@@ -37,6 +37,8 @@ ODD_LINE = 22  # a line the earlier run made (see earlier_of)
 # Each is one manifest line among plain rows: every way a row can be read, be valid or fail.
 ODD = [
     '{"id": 17, "image": "img/17.png"}',
+    '{"id": "gated", "image": "img/s.png", "quality": {"max_flicker": 4}}',
+    '{"id": "bad-gate", "image": "img/s.png", "quality": {"min_moton": 1}}',
     '{"id": "seeded", "image": "img/s.png", "seed": 5}',
     '{"id": "neg", "image": "img/s.png", "seed": -1}',
     '{"id": "big", "image": "img/s.png", "seed": 9223372036854775807, "num_videos_per_prompt": 2}',
@@ -181,10 +183,14 @@ def plain_duplicates(path: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("odd", ODD, ids=range(len(ODD)))
-@pytest.mark.parametrize("sweep", [None, {"motion_bucket_id": [10, 20]}], ids=["plain", "sweep"])
-def test_each_odd_line_is_planned_exactly_as_row_by_row(tmp_path: Path, odd: str, sweep: Any) -> None:
+@pytest.mark.parametrize(
+    ("sweep", "more"),
+    [(None, {}), ({"motion_bucket_id": [10, 20]}, {}), (None, {"quality": {"min_motion": 0.5, "max_tries": 2}})],
+    ids=["plain", "sweep", "gated"],
+)
+def test_each_odd_line_is_planned_exactly_as_row_by_row(tmp_path: Path, odd: str, sweep: Any, more: Any) -> None:
     path = manifest(tmp_path, odd)
-    spec = job(path, sweep)
+    spec = job(path, sweep, **more)
     found = survey(str(path))
     assert found.duplicates.tolist() == plain_duplicates(path)
     (piece,) = found.pieces

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import boto3
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,6 +85,19 @@ def test_every_row_ends_as_one_metadata_row_per_video(local_job: Path) -> None:
     # One worker: its first row carries the load and the memory it peaked at (a MindSpore process).
     assert df.load_s.notna().sum() == 1 and df.load_peak_rss_mb.notna().sum() == 1
     assert 200 < df.load_peak_rss_mb.max() < 8000
+
+
+def test_every_video_is_scored_in_its_worker_and_no_failed_row_is(local_job: Path) -> None:
+    df = results(local_job)
+    ok, failed = df[df.status == "ok"], df[df.status == "failed"]
+    scores = ["score_motion", "score_flicker", "score_sharpness", "score_fidelity", "score_consistency", "score_s"]
+    assert np.isfinite(ok[scores].to_numpy(dtype=float)).all()
+    assert (ok[scores].drop(columns="score_consistency") >= 0).all().all()
+    assert ok.score_consistency.between(-1, 1).all() and (ok.score_fidelity <= 100).all()
+    assert failed[scores].isna().all().all()
+    # Different seeds of one image make different clips, and their scores say so.
+    c = ok[ok.id == "c"]
+    assert c.score_sharpness.nunique() == 2
 
 
 def test_failures_name_row_field_and_fix(local_job: Path) -> None:

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from svd_batch.ledger import KeySet, Progress
-from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, join_uri
-from svd_batch.schema import JobSpec, ManifestRow
+from svd_batch.plan import MAX_SEED, RETRY_SEEDS, Planner, RowError, derive_seed, join_uri, retry_seed
+from svd_batch.schema import ClipScores, JobSpec, ManifestRow, QualityGates
 
 NOTHING = Progress(frozenset(), {}, frozenset())
 
@@ -36,6 +36,42 @@ def test_keys_are_stable_and_change_with_what_shapes_the_video() -> None:
     assert keys(spec(model={"path": "/elsewhere"}), row) == [key]  # the same weights moved: same videos
     assert keys(spec(formats=["mp4", "gif"]), row) == [key]  # formats are what done means, not the key
     assert keys(spec(), {**row, "tags": {"x": 1}}) == [key]  # tags describe, they do not shape
+
+
+def test_gates_are_in_the_key_only_when_set_and_a_rows_gates_refine_the_jobs() -> None:
+    row = {"id": "a", "image": "img/a.png"}
+    # The key an ungated row had before gates existed (svd-batch 0.1, stop 20): kept, so no
+    # finished job renders again after an upgrade.
+    assert keys(spec(), row) == ["videos/a-c2af42ae01a14a92-v0"]
+    gated = keys(spec(quality={"min_motion": 0.5}), row)
+    assert gated != keys(spec(), row)
+    assert keys(spec(quality={"min_motion": 0.6}), row) != gated
+    assert keys(spec(quality={"min_motion": 0.5, "max_tries": 3}), row) != gated
+    assert keys(spec(), {**row, "quality": {"min_motion": 0.5}}) == gated  # a row's own gates: the same
+    planner = Planner(spec(quality={"min_motion": 0.5, "max_tries": 3}), "/data/m.jsonl", "run", "w")
+    (item,) = planner.resolve(ManifestRow.model_validate({**row, "quality": {"max_flicker": 4}}), 1)
+    assert item.params.quality == QualityGates(min_motion=0.5, max_flicker=4, max_tries=3)
+
+
+def test_gates_name_what_a_clip_missed() -> None:
+    gates = QualityGates(min_motion=0.5, max_flicker=8, min_consistency=0.7)
+    assert gates.failed(ClipScores(motion=1.0, flicker=2.0, consistency=0.9)) == []
+    assert gates.failed(ClipScores(motion=0.1, flicker=9.0, consistency=0.9)) == ["min_motion", "max_flicker"]
+    assert gates.failed(ClipScores(motion=None, flicker=None, consistency=0.5)) == [
+        "min_motion",
+        "max_flicker",
+        "min_consistency",
+    ]  # a one-frame clip: what cannot be measured does not pass
+    assert QualityGates().failed(ClipScores()) == []
+    with pytest.raises(ValidationError, match="min_moton"):
+        QualityGates.model_validate({"min_moton": 1})
+
+
+def test_retry_seeds_stay_above_every_derived_seed_and_apart() -> None:
+    seeds = {retry_seed(s, t) for s in (0, 1, 2**40, derive_seed(0, "a")) for t in range(1, 16)}
+    assert len(seeds) == 60 and all(RETRY_SEEDS <= s <= MAX_SEED for s in seeds)
+    assert all(derive_seed(0, r) + 63 < RETRY_SEEDS for r in map(str, range(1000)))
+    assert retry_seed(7, 1) == retry_seed(7, 1) != retry_seed(7, 2)
 
 
 def test_relative_references_join_the_manifest_folder_and_absolute_ones_stay() -> None:

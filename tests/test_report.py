@@ -11,12 +11,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from svd_batch.metadata import MetadataWriter
 from svd_batch.report import build, write
 from svd_batch.schema import JobSpec
+from svd_batch.scores import UNITS
 from svd_batch.storage import local_path, open_storage
 from tests.helpers import FAST, make_image
 
@@ -35,7 +37,11 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
     for i in range(3):
         make_image(folder / f"{i}.png", seed=i)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    rows = [f'{{"id": "r{i}", "image": "{i}.png"}}' for i in range(3)] + ['{"id": "bad", "image": "broken.png"}']
+    rows = [f'{{"id": "r{i}", "image": "{i}.png"}}' for i in range(2)] + [
+        # Gated past any clip: rejected, and kept for a look.
+        '{"id": "r2", "image": "2.png", "quality": {"min_motion": 1e9, "keep_rejected": true}}',
+        '{"id": "bad", "image": "broken.png"}',
+    ]
     (folder / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     spec = JobSpec.model_validate(
         {
@@ -77,22 +83,38 @@ class Page(HTMLParser):
             self.text.append(data.strip())
 
 
-def test_report_has_counts_failures_timings_and_posters(rendered: Path) -> None:
+def test_report_has_counts_failures_timings_scores_and_posters(rendered: Path) -> None:
     page = Page(build(str(rendered / "metadata")))
     text = " | ".join(page.text)
-    assert "ok | failed | 3 | 1" in text  # the counts table, header then values
+    assert "ok | rejected | failed | 2 | 1 | 1" in text  # the counts table, header then values
     # Grouped by the error_stage and error_type columns, never by parsing the message.
     assert "Failures (1)" in text and "image: ImageError: 1 rows" in text and "row 4 (id 'bad')" in text
     for stage in ("denoise", "decode", "encode", "upload"):
-        assert re.search(rf"{stage}: median [0-9.e-]+ s, p95 [0-9.e-]+ s, n=3", text), stage
-    assert "Contact sheet (3 of 3)" in text and {"r0 #0", "r1 #0", "r2 #0"} <= set(page.text)
+        assert re.search(rf"{stage}: median [0-9.e-]+ s, p95 [0-9.e-]+ s, n=2", text), stage
+    for score, unit in UNITS.items():  # ok and rejected clips alike are scored
+        assert re.search(rf"{score}: median [0-9.e+-]+ {unit}, p95 [0-9.e+-]+ {unit}, n=3", text), score
+    assert "Rejected (1) | rows whose best try missed each gate | gate | rows | min_motion | 1" in text
+    motion = results_by_id(rendered).score_motion.dropna()
+    best = [t for t in page.text if re.fullmatch(r"r\d #0: [0-9.e+-]+", t)]
+    by_motion = [f"{i} #0: {motion[i]:.3g}" for i in motion.sort_values(ascending=False).index]
+    assert best == by_motion + by_motion[::-1]  # best first, then worst first; the kept rejected among them
+    assert "Contact sheet (2 of 2)" in text and {"r0 #0", "r1 #0"} <= set(page.text)
     videos = [link for link in page.links if link.endswith(".mp4")]
-    assert len(videos) == 3 and all(local_path(link).stat().st_size > 0 for link in videos)
-    assert len(page.images) == 3  # a poster frame per video, inline, each a real picture
+    assert len(set(videos)) == 3 and all(local_path(link).stat().st_size > 0 for link in videos)
+    assert len(page.images) == 3 + 3 + 2  # a poster frame per card, inline, each a real picture
     for src in page.images:
         assert src.startswith("data:image/jpeg;base64,")  # self-contained: nothing fetched from elsewhere
         poster = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
         assert 0 < max(poster.shape[:2]) <= 128 and poster.std() > 5  # thumbnails, not blank
+
+
+def test_report_refuses_a_score_it_does_not_have(rendered: Path) -> None:
+    with pytest.raises(ValueError, match="--by score_beauty is not a score; choose one of score_motion"):
+        build(str(rendered / "metadata"), by="score_beauty")
+
+
+def results_by_id(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output / "metadata").set_index("id")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by `make test` (apt-get)")

@@ -163,6 +163,12 @@ class Renderer:
             videos.append(RenderedVideo(pixels, (last_step - start) / n, (end - last_step) / n, n, chunk))
         return videos
 
+    def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The pipeline's own CLIP image embeddings, (images, dim) float32: the conditioning it
+        computes from an input, so comparing a frame's with the input's needs no other model."""
+        embeddings = self.model.pipe._encode_image(list(images), 1, False)
+        return embeddings.asnumpy().astype(np.float32).reshape(len(images), -1)
+
     def _decode(self, latents: object, num_frames: int, chunk: int) -> tuple[np.ndarray, int]:
         pipe = self.model.pipe
         while True:
