@@ -73,7 +73,9 @@ def _mask(condition: pa.ChunkedArray, null: bool) -> np.ndarray:
     return condition.fill_null(null).to_numpy(zero_copy_only=False)
 
 
-def _simple(table: pa.Table, numbers: np.ndarray, duplicates: Collection[int]) -> np.ndarray:
+def _simple(
+    table: pa.Table, numbers: np.ndarray, duplicates: Collection[int], passthrough: Collection[str]
+) -> np.ndarray:
     """Rows that are certainly valid in the per-row reader, as far as single columns tell."""
     names = set(table.column_names)
     if "id" not in names or "image" not in names:
@@ -96,6 +98,10 @@ def _simple(table: pa.Table, numbers: np.ndarray, duplicates: Collection[int]) -
             simple &= _mask(pc.and_(pc.greater_equal(column, 0), pc.less_equal(column, _MAX_SIMPLE_SEED)), null=True)
         elif name == "tags" and pa.types.is_struct(kind) and all(any(t(f.type) for t in _SCALAR) for f in kind):
             continue
+        elif name == "caption" and pa.types.is_string(kind):
+            continue  # any text is a caption, and no caption is in the key
+        elif name in passthrough and any(t(kind) for t in _SCALAR):
+            continue  # carried as it is: any JSON scalar passes, and none is in the key
         elif not (pa.types.is_null(kind) or (name in RENDER_FIELDS and _reads_exactly(name, kind))):
             simple &= ~_mask(column.is_valid(), null=False)  # a column to check row by row
     return simple
@@ -168,7 +174,7 @@ def decided(
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Per row, its videos where columns alone tell (0: the row is planned row by row), and
     how many of them an earlier run made."""
-    rows = np.flatnonzero(_simple(table, numbers, duplicates))
+    rows = np.flatnonzero(_simple(table, numbers, duplicates, planner.spec.passthrough))
     videos, made = np.zeros(len(numbers), np.int64), np.zeros(len(numbers), np.int64)
     if not len(rows):
         return videos, made
@@ -283,6 +289,6 @@ def _plan_table(
 def row_by_row(
     planner: Planner, rows: Any, duplicates: Collection[int], earlier: Progress, retry_failed: bool
 ) -> Iterator[Planned]:
-    validated = ((number, validate(number, raw, duplicates)) for number, raw in rows)
+    validated = ((number, validate(number, raw, duplicates, planner.spec.passthrough)) for number, raw in rows)
     for planned in planner.plan(validated, earlier, retry_failed):
         yield Counted("skipped", 1) if planned is None else planned

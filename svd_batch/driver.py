@@ -135,7 +135,7 @@ def validate(spec: JobSpec) -> Iterator[RowError]:
     planner = Planner(spec, spec.manifest, "validate", weights="")
     nothing_earlier = Progress(KeySet([]), {}, KeySet([]))
     try:
-        for planned in planner.plan(read_rows(spec.manifest), nothing_earlier, retry_failed=False):
+        for planned in planner.plan(read_rows(spec.manifest, spec.passthrough), nothing_earlier, retry_failed=False):
             if isinstance(planned, RowError):
                 yield planned
     except ManifestError as exc:

@@ -46,7 +46,7 @@ Raw = dict[str, Any] | RowError
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _WHITESPACE = np.array([9, 10, 13, 32], np.uint8)  # what JSON allows between values
 _NULL_KEY = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*null')
-_NULLABLE = frozenset({"seed", *RENDER_FIELDS}).__contains__  # null there means absent
+_NULLABLE = frozenset({"seed", "caption", *RENDER_FIELDS}).__contains__  # null there means absent
 
 
 @dataclass(frozen=True)
@@ -501,13 +501,18 @@ def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
     return Survey(pieces, np.sort(np.frombuffer(numbers, np.int64)[later]))
 
 
-def read_piece(piece: Piece, duplicates: Collection[int]) -> Iterator[tuple[int, ManifestRow | RowError]]:
+def read_piece(
+    piece: Piece, duplicates: Collection[int], passthrough: Collection[str] = ()
+) -> Iterator[tuple[int, ManifestRow | RowError]]:
     """Validated rows of one piece; `duplicates` (Survey.duplicates) fail as duplicate ids."""
     for number, raw in read_raw(piece):
-        yield number, validate(number, raw, duplicates)
+        yield number, validate(number, raw, duplicates, passthrough)
 
 
-def validate(number: int, raw: Raw, duplicates: Collection[int]) -> ManifestRow | RowError:
+def validate(
+    number: int, raw: Raw, duplicates: Collection[int], passthrough: Collection[str] = ()
+) -> ManifestRow | RowError:
+    """`passthrough`: the spec's columns to carry, which the row's `passthrough` field holds."""
     if not isinstance(raw, RowError) and (bad := _not_text(raw)):  # any format, any field
         raw = _row_error(number, bad)
     if isinstance(raw, RowError):
@@ -515,19 +520,26 @@ def validate(number: int, raw: Raw, duplicates: Collection[int]) -> ManifestRow 
     row_id = raw.get("id")
     if isinstance(row_id, int):
         raw["id"] = row_id = str(row_id)
+    named = row_id if isinstance(row_id, str) else None
+    if "passthrough" in raw:
+        reason = "is not a manifest column; name the columns to carry in the job spec's passthrough list"
+        return RowError(number, named, "passthrough", reason)
+    carried = {name: raw.pop(name) for name in passthrough if name in raw}
     try:
-        row = ManifestRow.model_validate(raw)
+        row = ManifestRow.model_validate({**raw, "passthrough": carried} if carried else raw)
     except ValidationError as exc:
         field, reason = explain(exc, ManifestRow)[0]
-        return RowError(number, row_id if isinstance(row_id, str) else None, field, reason)
+        if reason.startswith("unknown field") and "did you mean" not in reason:  # not a typo: data to keep?
+            reason += "; or list it in the job spec's passthrough to carry it into the metadata"
+        return RowError(number, named, field, reason)
     if number in duplicates:
         return RowError(number, row.id, "id", "duplicate id; every row needs its own id")
     return row
 
 
-def read_rows(uri: str) -> Iterator[tuple[int, ManifestRow | RowError]]:
+def read_rows(uri: str, passthrough: Collection[str] = ()) -> Iterator[tuple[int, ManifestRow | RowError]]:
     """Every validated row of a manifest, in one process (validate, render, tests)."""
     found = survey(uri)
     duplicates = frozenset(found.duplicates.tolist())
     for piece in found.pieces:
-        yield from read_piece(piece, duplicates)
+        yield from read_piece(piece, duplicates, passthrough)

@@ -97,6 +97,8 @@ class Resolved:
     seed: int
     params: RenderParams
     tags: dict[str, Any]
+    caption: str | None
+    passthrough: dict[str, Any]
 
     def work_item(self, kept: dict[str, str] | None = None) -> WorkItem:
         return WorkItem(
@@ -110,6 +112,8 @@ class Resolved:
             seed=self.seed,
             params=self.params,
             tags=json.dumps(self.tags, sort_keys=True) if self.tags else None,
+            caption=self.caption,
+            passthrough=json.dumps(self.passthrough) if self.passthrough else None,
             kept=kept or {},
         )
 
@@ -194,6 +198,8 @@ class Planner:
                 seed + v,
                 params,
                 row.tags,
+                row.caption,
+                row.passthrough,
             )
             for v in range(params.num_videos_per_prompt)
         ]

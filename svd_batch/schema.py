@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from svd_batch.storage import split_s3
 
@@ -144,6 +153,10 @@ class _ManifestCore(Strict):
     image: Annotated[str, Field(min_length=1)]
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     tags: Tags = Field(default_factory=dict)
+    # Carried as they are into the metadata row. Neither shapes the video, so neither is in
+    # its key: a changed caption does not render a row again.
+    caption: str | None = None
+    passthrough: dict[str, JsonValue] = Field(default_factory=dict)  # the spec's columns (manifest.validate)
 
     @field_validator("id")
     @classmethod
@@ -230,6 +243,8 @@ class JobSpec(Strict):
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     # Every row's gates; a row's own `quality` overrides them gate by gate.
     quality: QualityGates | None = None
+    # Manifest columns to carry into each metadata row's `passthrough` (JSON), e.g. a source URL.
+    passthrough: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
     # One run holds an output at a time; a holder silent for this long is taken over (ledger.py).
     lease_ttl_s: Annotated[float, Field(ge=10)] = 120.0
@@ -245,6 +260,16 @@ class JobSpec(Strict):
                 raise ValueError(f"sweep key '{name}' needs at least one value")
             checked[name] = [_as_row_value(name, i, value) for i, value in enumerate(values)]
         return checked
+
+    @field_validator("passthrough")
+    @classmethod
+    def _carried(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name in ManifestRow.model_fields:
+                raise ValueError(f"'{name}' is a column svd-batch reads itself; list only other columns")
+        if len(set(names)) < len(names):
+            raise ValueError("a column is listed twice; list each once")
+        return names
 
     @property
     def metadata_uri(self) -> str:
@@ -292,6 +317,8 @@ class WorkItem(BaseModel):
     seed: int
     params: RenderParams
     tags: str | None = None
+    caption: str | None = None
+    passthrough: str | None = None  # JSON, as ResultRow's
     # URIs of the formats an earlier run already made (`mp4_uri` -> ...): only the others are written.
     kept: dict[str, str] = Field(default_factory=dict)
     # A row that cannot be planned travels as an item with only this (and no params), so that
@@ -385,6 +412,8 @@ class ResultRow(BaseModel):
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
     tags: str | None = None  # JSON: free-form keys differ per row, so one column holds them
+    caption: str | None = None
+    passthrough: str | None = None  # JSON of the spec's passthrough columns: their names differ per job
 
     @classmethod
     def for_item(cls, item: WorkItem, status: Status, **fields: Any) -> ResultRow:
@@ -401,6 +430,8 @@ class ResultRow(BaseModel):
             params=item.params,
             image=item.image,
             tags=item.tags,
+            caption=item.caption,
+            passthrough=item.passthrough,
             **fields,
         )
 

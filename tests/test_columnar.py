@@ -62,6 +62,11 @@ ODD = [
     '{"id": "t-str", "image": "img/t.png", "tags": "x"}',
     '{"id": "extra", "image": "img/t.png", "caption": "a cat"}',
     '{"id": "extra-null", "image": "img/t.png", "caption": null}',
+    '{"id": "cap-int", "image": "img/t.png", "caption": 5}',
+    '{"id": "pass", "image": "img/t.png", "src": "web", "rank": 2}',  # carried only where the spec lists them
+    '{"id": "pass-obj", "image": "img/t.png", "src": {"u": [1, null]}}',
+    '{"id": "pass-null", "image": "img/t.png", "src": null}',
+    '{"id": "reserved", "image": "img/t.png", "passthrough": {"src": 1}}',
     '{"id": "", "image": "img/e.png"}',
     '{"id": "nul\\u0000", "image": "img/e.png"}',
     '{"id": "' + "x" * 1025 + '", "image": "img/e.png"}',
@@ -119,7 +124,7 @@ def flat(planned: Any) -> list[Any]:
 
 def per_row(spec: JobSpec, piece: Piece, duplicates: frozenset[int], earlier: Progress) -> list[Any]:
     planner = Planner(spec, spec.manifest, "run", "w")
-    return [v for p in planner.plan(read_piece(piece, duplicates), earlier, False) for v in flat(p)]
+    return [v for p in planner.plan(read_piece(piece, duplicates, spec.passthrough), earlier, False) for v in flat(p)]
 
 
 def columnar(
@@ -155,8 +160,8 @@ def earlier_of(spec: JobSpec, piece: Piece, duplicates: frozenset[int]) -> Progr
     give every row, valid or not: a row that only columns think valid would then be skipped."""
     fresh = Progress(KeySet([]), {}, KeySet([]))
     planner = Planner(spec, spec.manifest, "run", "w")
-    made = [(item.line, item.key) for item in planner.plan(read_piece(piece, duplicates), fresh, False)
-            if not isinstance(item, RowError)]  # fmt: skip
+    rows = read_piece(piece, duplicates, spec.passthrough)
+    made = [(item.line, item.key) for item in planner.plan(rows, fresh, False) if not isinstance(item, RowError)]
     table, numbers = columns_of(piece)
     if table is not None and {"id", "image"} <= set(table.column_names):
         named = pc.and_(table.column("id").is_valid(), table.column("image").is_valid())
@@ -185,8 +190,13 @@ def plain_duplicates(path: Path) -> list[int]:
 @pytest.mark.parametrize("odd", ODD, ids=range(len(ODD)))
 @pytest.mark.parametrize(
     ("sweep", "more"),
-    [(None, {}), ({"motion_bucket_id": [10, 20]}, {}), (None, {"quality": {"min_motion": 0.5, "max_tries": 2}})],
-    ids=["plain", "sweep", "gated"],
+    [
+        (None, {}),
+        ({"motion_bucket_id": [10, 20]}, {}),
+        (None, {"quality": {"min_motion": 0.5, "max_tries": 2}}),
+        (None, {"passthrough": ["src", "rank"]}),
+    ],
+    ids=["plain", "sweep", "gated", "passthrough"],
 )
 def test_each_odd_line_is_planned_exactly_as_row_by_row(tmp_path: Path, odd: str, sweep: Any, more: Any) -> None:
     path = manifest(tmp_path, odd)
@@ -264,6 +274,10 @@ PARQUET_ODD: list[tuple[dict[str, Any], dict[str, pa.DataType]]] = [
     ({"id": "t-nested", "image": "img/t.png", "tags": {"k": {"n": 1}}}, {}),
     ({"id": "extra", "image": "img/t.png", "caption": "a cat"}, {}),
     ({"id": "when", "image": "img/t.png", "at": 0}, {"at": pa.timestamp("s")}),
+    ({"id": "pass", "image": "img/t.png", "src": "web"}, {}),  # the spec below carries `src`
+    ({"id": "pass-f32", "image": "img/t.png", "src": 0.5}, {"src": pa.float32()}),
+    ({"id": "pass-list", "image": "img/t.png", "src": [1, 2]}, {}),
+    ({"id": "pass-time", "image": "img/t.png", "src": 0}, {"src": pa.timestamp("s")}),  # not JSON
     ({"id": "not-utf8", "image": "img/e.png"}, {}),  # its image becomes bytes that are not UTF-8
 ]
 
@@ -297,7 +311,7 @@ def test_each_odd_parquet_row_is_planned_exactly_as_row_by_row_in_pieces_of_row_
 ) -> None:
     monkeypatch.setattr(manifests, "PIECE_ROWS", 16)  # two row groups of 8 a piece
     path = parquet_manifest(tmp_path, odd, types)
-    spec = job(path, {"motion_bucket_id": [10, 20]})
+    spec = job(path, {"motion_bucket_id": [10, 20]}, passthrough=["src"])
     found = survey(str(path))
     assert [(p.start, p.end, p.first) for p in found.pieces] == [(0, 2, 1), (2, 4, 17), (4, 6, 33)]
     assert found.duplicates.tolist() == plain_duplicates(path)

@@ -47,13 +47,13 @@ def local_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_cl
         make_image(folder / "img" / f"{i}.png", seed=i)
     (folder / "img" / "text.png").write_text("not an image")
     rows = [
-        {"id": "a", "image": "img/0.png", "tags": {"k": "v"}},
+        {"id": "a", "image": "img/0.png", "tags": {"k": "v"}, "caption": "a red fox", "src": {"url": "x", "n": 1}},
         {"id": "b", "image": "img/1.png", "motion_bucket_id": 40},
         {"id": "c", "image": "img/2.png", "seed": 99, "num_videos_per_prompt": 2},
         {"id": "bad-image", "image": "img/text.png"},
         {"id": "bad-field", "image": "img/0.png", "motion_bucket": 3},
     ]
-    spec = write_job(folder, rows, tiny_model)
+    spec = write_job(folder, rows, tiny_model, passthrough=["src"])
     assert run_job(spec) == Counter(ok=4, failed=2)
     return spec
 
@@ -80,6 +80,8 @@ def test_every_row_ends_as_one_metadata_row_per_video(local_job: Path) -> None:
     a = ok[ok.id == "a"].iloc[0]
     assert a.params["motion_bucket_id"] == 127 and a.params["height"] == 32
     assert json.loads(a.tags) == {"k": "v"}
+    assert a.caption == "a red fox" and json.loads(a.passthrough) == {"src": {"url": "x", "n": 1}}  # as given
+    assert df[df.id != "a"].caption.isna().all() and df[df.id != "a"].passthrough.isna().all()
     assert len(a.model_sha256) == 64 and len(a.input_sha256) == 64 and a.input_width == 48
     assert a.denoise_s > 0 and a.encode_s > 0 and a.device == "cpu" and a.attempt == 1
     # One worker: its first row carries the load and the memory it peaked at (a MindSpore process).

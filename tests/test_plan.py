@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from svd_batch.ledger import KeySet, Progress
+from svd_batch.manifest import validate
 from svd_batch.plan import MAX_SEED, RETRY_SEEDS, Planner, RowError, derive_seed, join_uri, retry_seed
 from svd_batch.schema import ClipScores, JobSpec, ManifestRow, QualityGates
 
@@ -145,3 +147,34 @@ def test_planning_skips_done_and_final_keys_and_keeps_what_a_partial_key_has(tmp
         "c",
         "d",
     ]
+
+
+def test_captions_and_passthrough_columns_reach_the_work_item_unchanged_and_never_the_key() -> None:
+    job = spec(passthrough=["src", "rank"], sweep={"motion_bucket_id": [10, 20]})
+    planner = Planner(job, job.manifest, "run", "w")
+    raw = {"id": "a", "image": "x.png", "caption": "a fox", "src": {"url": "u", "at": [1, None]}, "rank": 2.5}
+    row = validate(1, dict(raw), (), job.passthrough)
+    items = [i.work_item() for i in planner.resolve(row, 1)]
+    assert len(items) == 2 and {i.caption for i in items} == {"a fox"}
+    assert [json.loads(i.passthrough) for i in items] == [{"src": {"url": "u", "at": [1, None]}, "rank": 2.5}] * 2
+    plain = validate(1, {"id": "a", "image": "x.png"}, (), job.passthrough)
+    assert [i.key for i in planner.resolve(row, 1)] == [i.key for i in planner.resolve(plain, 1)]
+    assert plain.passthrough == {} and planner.resolve(plain, 1)[0].work_item().passthrough is None
+    # Unlisted, a column is an unknown field, and the error says how to keep it.
+    unlisted = validate(4, dict(raw), (), ["src"])
+    assert str(unlisted) == (
+        "row 4 (id 'a'): rank: unknown field; known fields: "
+        + ", ".join(ManifestRow.model_fields)
+        + "; or list it in the job spec's passthrough to carry it into the metadata"
+    )
+    reserved = validate(5, {"id": "b", "image": "x.png", "passthrough": {"src": 1}}, (), ["src"])
+    assert str(reserved).startswith("row 5 (id 'b'): passthrough: is not a manifest column; name the columns")
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["seed"], "'seed' is a column svd-batch reads itself"), (["src", "src"], "a column is listed twice")],
+)
+def test_passthrough_lists_only_columns_svd_batch_does_not_read(names: list[str], message: str) -> None:
+    with pytest.raises(ValidationError, match=rf"passthrough\n  Value error, {message}"):
+        spec(passthrough=names)
