@@ -170,6 +170,12 @@ def validate_command(
     out.print(f"{job}: spec and manifest are valid")
 
 
+DEADLINE_HELP = (
+    "Stop taking rows at HH:MM (next occurrence, the driver's local time), HH:MM@Area/City (that zone's "
+    "clock, e.g. 06:30@Europe/Berlin), or an ISO time with its offset."
+)
+
+
 @app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
@@ -186,10 +192,15 @@ def run(
     verify_outputs: Annotated[
         bool, typer.Option(help="List the output prefix; a done row whose video is gone is made again.")
     ] = False,
-    deadline: Annotated[
-        str | None, typer.Option(help="HH:MM local time: stop taking rows then (next occurrence).")
-    ] = None,
+    deadline: Annotated[str | None, typer.Option(help=DEADLINE_HELP)] = None,
     max_duration: Annotated[str | None, typer.Option(help="Stop taking rows after this long, e.g. 8h or 90m.")] = None,
+    left_ok: Annotated[
+        bool,
+        typer.Option(
+            help="A run stopped by --deadline or --max-duration exits as a finished run would (0, or 1 if rows "
+            "failed), not 3: rows left are the next run's. `submit` sets it, so such a Ray job SUCCEEDS."
+        ),
+    ] = False,
 ) -> None:
     """Run a job on Ray: render every row not done yet (all its formats committed ok).
 
@@ -198,7 +209,7 @@ def run(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, exit_code, load_spec, next_deadline, parse_duration
+    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, load_spec, next_deadline, parse_duration
 
     try:
         spec = load_spec(job)
@@ -236,6 +247,7 @@ def run(
             deadline=until,
             max_duration=limit,
             handle_signals=True,
+            left_ok=left_ok,
         )
         try:
             counts = runner.run()
@@ -250,7 +262,7 @@ def run(
         err.print(f"[bold red]stalled:[/] {runner.stalled}", highlight=False, soft_wrap=True)
     if runner.stopped:
         err.print(f"{runner.stopped}, {counts.get('left', 0)} rows left, rerun to resume", highlight=False)
-    raise typer.Exit(exit_code(counts, runner.stopped))
+    raise typer.Exit(runner.exit_code())
 
 
 def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
@@ -282,7 +294,7 @@ def submit(
     address: Annotated[str | None, ADDRESS] = None,
     retry_failed: Annotated[bool, typer.Option(help="Passed to `run`.")] = False,
     verify_outputs: Annotated[bool, typer.Option(help="Passed to `run`.")] = False,
-    deadline: Annotated[str | None, typer.Option(help="HH:MM, passed to `run`.")] = None,
+    deadline: Annotated[str | None, typer.Option(help=DEADLINE_HELP + " Passed to `run`.")] = None,
     max_duration: Annotated[str | None, typer.Option(help="e.g. 8h, passed to `run`.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends; exit as it did.")] = False,
 ) -> None:
@@ -292,7 +304,8 @@ def submit(
 
     try:
         load_spec(job)  # refuse a bad spec here, not on the cluster
-        run_args = ["--retry-failed"] * retry_failed + ["--verify-outputs"] * verify_outputs
+        # A night that runs out with rows left is a normal night: the Ray job SUCCEEDS.
+        run_args = ["--left-ok"] + ["--retry-failed"] * retry_failed + ["--verify-outputs"] * verify_outputs
         if deadline:
             next_deadline(deadline)
             run_args += ["--deadline", deadline]

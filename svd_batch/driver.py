@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ from svd_batch.errors import first_line
 from svd_batch.ledger import KeySet, Lease, LeaseHeld, Progress, close_lost, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import MetadataWriter, rows_to_table
+from svd_batch.notify import post
 from svd_batch.plan import Planner, RowError
 from svd_batch.planning import PlanError, invalid_row, items_from_table, plan_dataset, prepare
 from svd_batch.render import Stalled, configure_ray_data, render, start_control
@@ -96,15 +98,60 @@ def load_spec(path: Path) -> JobSpec:
     return spec.model_copy(update=update)
 
 
-def next_deadline(clock: str, now: dt.datetime | None = None) -> dt.datetime:
-    """The next time the local wall clock shows HH:MM (today, or tomorrow if that has passed)."""
-    now = now or dt.datetime.now()
+def next_deadline(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """When to stop taking rows, as an aware time in the zone it was given in.
+
+    `HH:MM` is the next time the wall clock shows it: in the driver's local time zone, or in
+    `HH:MM@Area/City`'s zone; an ISO time must carry its UTC offset. Days are counted on the
+    wall clock and only then turned into an instant, so a night that crosses a DST change
+    still ends at 06:30 on the clock (its timer then runs on the monotonic clock: no drift).
+    """
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    clock, at, zone_name = text.strip().partition("@")
+    if not at and "T" in clock:
+        return _iso_deadline(text, now)
     try:
         hour, minute = (int(part) for part in clock.split(":"))
-        target = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        wall = dt.time(hour, minute)
     except ValueError:
-        raise ValueError(f"deadline {clock!r} is not HH:MM (24-hour local time), e.g. 06:30") from None
-    return target if target > now else target + dt.timedelta(days=1)
+        raise ValueError(
+            f"deadline {text!r} is not HH:MM, HH:MM@Area/City or an ISO time with its offset; "
+            "e.g. 06:30, 06:30@Europe/Berlin or 2026-12-04T06:30+01:00"
+        ) from None
+    if at:
+        try:
+            zone: dt.tzinfo | None = zoneinfo.ZoneInfo(zone_name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"deadline {text!r}: unknown time zone {zone_name!r}; use an IANA name such as Europe/Berlin"
+            ) from None
+        today = now.astimezone(zone).date()
+    else:
+        zone, today = None, now.astimezone().date()  # None: the system's local rules, DST included
+    for day in (today, today + dt.timedelta(days=1)):
+        naive = dt.datetime.combine(day, wall)
+        target = naive.replace(tzinfo=zone) if zone else naive.astimezone()
+        if target > now:
+            return target
+    raise AssertionError("unreachable: tomorrow's wall time is after now")
+
+
+def _iso_deadline(text: str, now: dt.datetime) -> dt.datetime:
+    try:
+        target = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"deadline {text!r} is not an ISO time, e.g. 2026-12-04T06:30+01:00") from None
+    if target.tzinfo is None:
+        raise ValueError(f"deadline {text!r} has no UTC offset; add one (e.g. +01:00 or Z), or use HH:MM@Area/City")
+    if target <= now:
+        raise ValueError(f"deadline {text!r} has passed; give a time to come")
+    return target
+
+
+def deadline_label(deadline: dt.datetime) -> str:
+    """A deadline as its zone shows it, and in UTC (what a log on another machine compares)."""
+    zone = getattr(deadline.tzinfo, "key", None) or deadline.tzname()
+    return f"{deadline:%Y-%m-%d %H:%M} {zone} ({deadline.astimezone(dt.UTC):%H:%M} UTC)"
 
 
 def parse_duration(text: str) -> float:
@@ -162,14 +209,15 @@ class Job:
         verify_outputs: bool = False,
         address: str | None = None,
         progress: Callable[[Counter[str], int], None] | None = None,
-        deadline: dt.datetime | None = None,  # local wall-clock time to stop taking rows
+        deadline: dt.datetime | None = None,  # when to stop taking rows (next_deadline: aware)
         max_duration: float | None = None,  # seconds after the start to stop taking rows
         handle_signals: bool = False,  # SIGTERM / Ctrl-C drain the job (the CLI sets this)
         status_every: float = 2.0,
+        left_ok: bool = False,  # a stop at the deadline or duration limit exits as a finished run would
     ) -> None:
         self.spec, self.retry_failed, self.verify_outputs, self.address = spec, retry_failed, verify_outputs, address
         self.progress, self.deadline, self.max_duration = progress, deadline, max_duration
-        self.handle_signals, self.status_every = handle_signals, status_every
+        self.handle_signals, self.status_every, self.left_ok = handle_signals, status_every, left_ok
         self.run_id = new_run_id()
         self.output = open_storage(spec.output)
         self.meta = open_storage(spec.metadata_uri)
@@ -182,6 +230,7 @@ class Job:
         self.total = 0  # videos planned so far (planning reports them as it goes)
         self.stalled: str | None = None  # why the workers stopped making progress, if they did
         self.stopped: str | None = None  # why the job stopped taking rows early, if it did
+        self.out_of_time = False  # stopped by its deadline or duration limit (not a signal or a lost lease)
         self.record: RunRecord | None = None
         self.worker_memory = 0  # bytes each worker asks Ray for, from the weights (start)
         self.weights = ""  # the model's fingerprint, which keys name (start)
@@ -196,18 +245,48 @@ class Job:
         if self._control is not None:
             self._control.drain.remote()
 
+    def exit_code(self) -> int:
+        return exit_code(self.counts, self.stopped, left_ok=self.left_ok and self.out_of_time)
+
     def run(self) -> Counter[str]:
-        self.start()
-        state = "failed"
+        state, error = "failed", None
         try:
-            self._run()
-            state = "stopped" if self.stopped else "finished"
-            return self.counts
-        finally:
+            self.start()
             try:
-                self._finish(state)
+                self._run()
+                state = "stopped" if self.stopped else "finished"
+                return self.counts
             finally:
-                self.lease.release()
+                try:
+                    self._finish(state)
+                finally:
+                    self.lease.release()
+        except Exception as exc:
+            error = first_line(exc)
+            raise
+        finally:
+            if self.spec.notify is not None:
+                post(self.spec.notify.webhook, self.summary(error))
+
+    def summary(self, error: str | None = None) -> dict[str, Any]:
+        """The run as the webhook and `_status.json` show it: its record, what it left, and its
+        failures by class (retryable ones come back on a plain rerun). `error`: why it broke off."""
+        record = self.record.model_dump(mode="json") if self.record else {"job": self.spec.name, "run_id": self.run_id}
+        if error is not None:  # it could not start (no record, or one still "running"), or broke off
+            record.update(state="failed", exit_code=EXIT_CANNOT_START)
+        failures = [
+            {"stage": stage, "type": kind, "retryable": retryable, "rows": n}
+            for (stage, kind, retryable), n in self.failures.most_common()
+        ]
+        return {
+            **record,
+            "counts": dict(self.counts),
+            "total": self.total,
+            "error": error,
+            "failures": failures,
+            "output": self.spec.output,
+            "metadata": self.spec.metadata_uri,
+        }
 
     def start(self) -> None:
         """Everything that must hold before any row is touched (exit 2 otherwise)."""
@@ -287,7 +366,7 @@ class Job:
                     self._commit(batch)
                     self._control.got_back.remote(batch.num_rows)
                     self._plan_counts()
-                    self._report("running")
+                    self._report()
         except Stalled as exc:
             self.stalled = str(exc)
         self._account()
@@ -361,7 +440,7 @@ class Job:
             self.record = self.record.model_copy(
                 update={
                     "state": state,
-                    "exit_code": EXIT_CANNOT_START if state == "failed" else exit_code(self.counts, self.stopped),
+                    "exit_code": EXIT_CANNOT_START if state == "failed" else self.exit_code(),
                     "counts": dict(self.counts),
                     "ended_at": dt.datetime.now(dt.UTC),
                     "stopped": self.stopped,
@@ -372,23 +451,17 @@ class Job:
                 write_record(self.runs, self.record)
             except StorageError as exc:
                 log.warning("run record not written: %s", exc)
-            self._report(state, force=True)
+            self._report(force=True)
 
-    def _report(self, state: str, force: bool = False) -> None:
+    def _report(self, force: bool = False) -> None:
         if self.progress:
             self.progress(self.counts, self.total)
         now = time.monotonic()
         if force or now - self._last_status >= self.status_every:
             self._last_status = now
             document = {
-                "job": self.spec.name,
-                "run_id": self.run_id,
-                "state": state,
-                "total": self.total,
-                "counts": dict(self.counts),
+                **self.summary(),
                 "elapsed_s": round(now - self._started, 1),
-                "output": self.spec.output,
-                "metadata": self.spec.metadata_uri,
                 "updated_at": dt.datetime.now(dt.UTC).isoformat(),
             }
             try:
@@ -400,20 +473,26 @@ class Job:
     def _arm_timers(self) -> list[threading.Timer]:
         limits = []
         if self.deadline is not None:
-            seconds = (self.deadline - dt.datetime.now()).total_seconds()
-            limits.append((seconds, f"stopped at deadline {self.deadline:%H:%M}"))
+            # Both in UTC: Python subtracts two times of one zone on the wall clock, DST and all.
+            seconds = (self.deadline.astimezone(dt.UTC) - dt.datetime.now(dt.UTC)).total_seconds()
+            limits.append((seconds, f"stopped at deadline {deadline_label(self.deadline)}"))
         if self.max_duration is not None:
             limits.append((self.max_duration, f"stopped at the {_format_duration(self.max_duration)} limit"))
         timers = []
         for seconds, reason in limits:
             if seconds <= 0:  # already due: no row is taken (a timer thread might start late)
-                self.drain(reason)
+                self._time_up(reason)
                 continue
-            timer = threading.Timer(seconds, self.drain, args=(reason,))
+            timer = threading.Timer(seconds, self._time_up, args=(reason,))
             timer.daemon = True
             timer.start()
             timers.append(timer)
         return timers
+
+    def _time_up(self, reason: str) -> None:
+        if self.stopped is None:
+            self.out_of_time = True
+        self.drain(reason)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.drain(f"stopped by {signal.Signals(signum).name}")
@@ -438,7 +517,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def exit_code(counts: Counter[str], stopped: str | None = None) -> int:
-    if stopped:
+def exit_code(counts: Counter[str], stopped: str | None = None, left_ok: bool = False) -> int:
+    """`left_ok`: the stop is a normal end (a night ran out; the next run takes what is left)."""
+    if stopped and not left_ok:
         return EXIT_STOPPED
     return EXIT_FAILED_ROWS if counts.get(Status.failed, 0) else EXIT_OK

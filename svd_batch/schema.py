@@ -16,6 +16,7 @@ import typing
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 from pydantic import (
@@ -225,6 +226,20 @@ class InputsSpec(Strict):
     max_bytes: Annotated[int, Field(gt=0)] = 64 * 2**20  # per input file, checked before reading
 
 
+class NotifySpec(Strict):
+    # The run's summary JSON is POSTed here when it ends (notify.py). Treated as a secret: no
+    # log, record or error message shows more of it than scheme and host.
+    webhook: str
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("is not an http(s) URL; write it as https://host/path")
+        return url
+
+
 class JobSpec(Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
     manifest: str
@@ -243,6 +258,7 @@ class JobSpec(Strict):
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     # Every row's gates; a row's own `quality` overrides them gate by gate.
     quality: QualityGates | None = None
+    notify: NotifySpec | None = None
     # Manifest columns to carry into each metadata row's `passthrough` (JSON), e.g. a source URL.
     passthrough: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 

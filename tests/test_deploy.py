@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from svd_batch.driver import load_spec, validate
+from svd_batch.driver import load_spec, next_deadline, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,9 @@ def test_cronjob_submits_the_overnight_job_with_a_deadline() -> None:
     submit = get_command(app).commands["submit"]
     options = {opt for param in submit.params for opt in param.opts}
     assert {o for o in command if o.startswith("--")} <= options
+    # The driver runs on the cluster, in its nodes' zone: the deadline names the operator's.
+    deadline = command[command.index("--deadline") + 1]
+    assert deadline.endswith("@" + doc["spec"]["timeZone"]) and next_deadline(deadline)
     assert load_spec(ROOT / "jobs/overnight/job.yaml").workers.device == "npu"
 
 

@@ -5,21 +5,35 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
 
-from svd_batch.driver import EXIT_STOPPED, Job, JobError, load_spec, next_deadline, parse_duration
+from svd_batch.driver import EXIT_STOPPED, Job, JobError, deadline_label, load_spec, next_deadline, parse_duration
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
-from tests.helpers import FAST, cli, free_port, results, rows_and_images, status_counts, wait_until, write_job
+from tests.helpers import (
+    FAST,
+    cli,
+    free_port,
+    results,
+    rows_and_images,
+    run_records,
+    status_counts,
+    wait_until,
+    write_job,
+)
 
 
 def spec_with(**fields: object) -> JobSpec:
@@ -47,13 +61,67 @@ def test_sweep_keys_are_checked() -> None:
         spec_with(sweep={"fps": []})
 
 
-def test_deadline_is_the_next_occurrence_in_local_time() -> None:
-    now = dt.datetime(2026, 11, 27, 23, 0)
-    assert next_deadline("06:30", now) == dt.datetime(2026, 11, 28, 6, 30)
-    assert next_deadline("23:30", now) == dt.datetime(2026, 11, 27, 23, 30)
+def test_deadline_is_the_next_occurrence_in_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    local(monkeypatch, "America/New_York")
+    now = dt.datetime(2026, 11, 27, 23, 0, tzinfo=NEW_YORK)
+    assert next_deadline("06:30", now) == dt.datetime(2026, 11, 28, 6, 30, tzinfo=NEW_YORK)
+    assert next_deadline("23:30", now) == dt.datetime(2026, 11, 27, 23, 30, tzinfo=NEW_YORK)
     assert parse_duration("8h") == 8 * 3600 and parse_duration("1h30m") == 5400 and parse_duration("45s") == 45
     with pytest.raises(ValueError, match="like 8h, 90m or 1h30m"):
         parse_duration("eight hours")
+
+
+BERLIN, NEW_YORK = ZoneInfo("Europe/Berlin"), ZoneInfo("America/New_York")
+
+
+def local(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """The process's local time zone, as TZ sets it for a driver on such a machine."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+
+
+@pytest.fixture(autouse=True)
+def _restore_local_time() -> Iterator[None]:
+    yield
+    time.tzset()  # torn down after monkeypatch, which has put TZ back by then
+
+
+@pytest.mark.parametrize(
+    ("now", "wall_hours", "real_hours"),
+    [
+        (dt.datetime(2026, 3, 28, 22, 0, tzinfo=BERLIN), 8.5, 7.5),  # the clock springs forward at 02:00
+        (dt.datetime(2026, 10, 24, 22, 0, tzinfo=BERLIN), 8.5, 9.5),  # and falls back at 03:00
+        (dt.datetime(2026, 12, 3, 22, 0, tzinfo=BERLIN), 8.5, 8.5),
+    ],
+)
+def test_a_deadline_in_a_named_zone_is_that_clocks_time_across_a_dst_change(
+    monkeypatch: pytest.MonkeyPatch, now: dt.datetime, wall_hours: float, real_hours: float
+) -> None:
+    local(monkeypatch, "UTC")  # the cluster's driver runs in UTC; the operator's night is Berlin's
+    deadline = next_deadline("06:30@Europe/Berlin", now)
+    assert deadline.astimezone(BERLIN).strftime("%d %H:%M") == f"{now.day + 1:02d} 06:30"
+    # The seconds the run really gets (in UTC: Python subtracts two times of one zone on the wall clock).
+    assert (deadline.astimezone(dt.UTC) - now.astimezone(dt.UTC)).total_seconds() / 3600 == real_hours
+    assert (deadline.replace(tzinfo=None) - now.replace(tzinfo=None)).total_seconds() / 3600 == wall_hours
+    # The same night, with the driver's own clock in Berlin and a bare HH:MM: the same instant.
+    local(monkeypatch, "Europe/Berlin")
+    assert next_deadline("06:30", now) == deadline
+    label = deadline_label(next_deadline("06:30@Europe/Berlin", now))
+    assert label.startswith(f"{deadline:%Y-%m-%d} 06:30 Europe/Berlin (")
+
+
+def test_an_iso_deadline_needs_its_offset_and_bad_deadlines_say_how_to_write_them() -> None:
+    now = dt.datetime(2026, 12, 3, 22, 0, tzinfo=dt.UTC)
+    assert next_deadline("2026-12-04T06:30+01:00", now) == dt.datetime(2026, 12, 4, 5, 30, tzinfo=dt.UTC)
+    for text, message in [
+        ("2026-12-04T06:30", "has no UTC offset; add one"),
+        ("2026-12-01T06:30Z", "has passed"),
+        ("06:30@Mars/Olympus", "unknown time zone 'Mars/Olympus'; use an IANA name such as Europe/Berlin"),
+        ("half past six", "is not HH:MM, HH:MM@Area/City or an ISO time with its offset"),
+        ("25:00", "e.g. 06:30, 06:30@Europe/Berlin"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            next_deadline(text, now)
 
 
 def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
@@ -104,6 +172,14 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
     job = Job(load_spec(spec), max_duration=0)
     counts = job.run()
     assert job.stopped and job.stopped.startswith("stopped at the 0s limit") and counts["left"] == 3
+    assert job.exit_code() == EXIT_STOPPED == run_records(spec)[-1].exit_code
+    # Told that rows left are a normal end (`submit` tells it so), the same stop exits 0.
+    job = Job(load_spec(spec), max_duration=0, left_ok=True)
+    assert job.run()["left"] == 3 and job.exit_code() == 0 == run_records(spec)[-1].exit_code
+    # A signal is no time limit: it still stops with its own code.
+    job = Job(load_spec(spec), left_ok=True)
+    job.drain("stopped by SIGTERM")
+    assert job.run()["left"] == 3 and job.exit_code() == EXIT_STOPPED
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +269,12 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     gone.unlink()
     done = cli("submit", str(spec), "--address", ray_head, "--verify-outputs", "--wait", timeout=600)
     assert done.returncode == 0 and gone.is_file(), done.stdout[-3000:]
+
+    # A night that runs out with rows left is a normal night for a scheduler: SUCCEEDED, "N left".
+    night = write_job(tmp_path / "c", rows_and_images(tmp_path / "c", 2), tiny_model)
+    done = cli("submit", str(night), "--address", ray_head, "--max-duration", "1s", "--wait", timeout=600)
+    assert done.returncode == 0 and "SUCCEEDED" in done.stdout, done.stdout[-3000:]
+    assert "stopped at the 1s limit, 2 rows left, rerun to resume" in done.stdout, done.stdout[-3000:]
 
     slow = write_job(
         tmp_path / "b", rows_and_images(tmp_path / "b", 8), tiny_model, defaults={**FAST, "num_inference_steps": 20}
