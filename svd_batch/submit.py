@@ -47,19 +47,47 @@ def package(spec_path: Path, into: Path) -> None:
     (into / "job.yaml").write_text(yaml.safe_dump(shipped, sort_keys=False))
 
 
+# A job's entrypoint runs in a shell with the head's PATH, which need not be the environment
+# svd-batch was installed in (a head started as .venv/bin/ray start, the venv not activated).
+PROBE = 'command -v svd-batch >/dev/null || { echo "svd-batch is not on the PATH of its jobs ($PATH)"; exit 127; }'
+PROBE_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class HeadError(RuntimeError):
+    """The cluster's head cannot run svd-batch: said at submit time, not only in the job's log."""
+
+
 def submit(spec_path: Path, address: str | None, run_args: list[str], wait_s: float = 120.0) -> str:
     with tempfile.TemporaryDirectory(prefix="svd-batch-submit-") as folder:
         package(spec_path, Path(folder))
         jobs, delay, deadline = client(address), 1.0, time.monotonic() + wait_s
         while True:
             try:
-                return _submit(jobs, folder, spec_path, run_args)
+                check_head(jobs, wait_s)
+                break
             except RuntimeError as exc:
                 # A head that has just started answers 500 until its job agent is up.
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        return _submit(jobs, folder, spec_path, run_args)
+
+
+def check_head(jobs, wait_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Run the probe as a job of its own (a few seconds) and raise HeadError if it fails."""
+    probe = jobs.submit_job(entrypoint=PROBE, metadata={"svd_batch": "probe: can this head run svd-batch?"})
+    deadline = time.monotonic() + wait_s
+    while (state := str(jobs.get_job_status(probe).value)) not in PROBE_STATES:
+        if time.monotonic() > deadline:
+            raise HeadError(f"the head did not run a {wait_s:.0f} s check job (job {probe} is {state}); is it busy?")
+        time.sleep(0.5)
+    if state != "SUCCEEDED":
+        said = _probe_said(jobs, probe) or str(jobs.get_job_info(probe).message or f"its check job ended {state}")
+        raise HeadError(
+            f"the Ray head cannot run svd-batch: {said}. Start the head from the environment svd-batch is "
+            "installed in (`source .venv/bin/activate; ray start --head`), or install svd-batch in its image"
+        )
 
 
 def _submit(jobs, folder: str, spec_path: Path, run_args: list[str]) -> str:  # type: ignore[no-untyped-def]
@@ -70,6 +98,16 @@ def _submit(jobs, folder: str, spec_path: Path, run_args: list[str]) -> str:  # 
         runtime_env={"working_dir": folder, "env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "900"}},
         metadata={"svd_batch_spec": spec_path.name},
     )
+
+
+def _probe_said(jobs, probe: str) -> str | None:  # type: ignore[no-untyped-def]
+    """The probe's own line; a job's log can lag its end by a moment."""
+    for _ in range(20):
+        said = [line for line in jobs.get_job_logs(probe).splitlines() if line.startswith("svd-batch is not on")]
+        if said:
+            return said[-1]
+        time.sleep(0.5)
+    return None
 
 
 def status(job_id: str, address: str | None) -> str:

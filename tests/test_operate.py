@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -182,9 +183,10 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
     assert job.run()["left"] == 3 and job.exit_code() == EXIT_STOPPED
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A real Ray head with its job server, separate from the session's cluster."""
+@contextlib.contextmanager
+def head(folder: Path, path: str) -> Iterator[str]:
+    """A real Ray head with its job server, separate from the session's cluster; its jobs get
+    `path` as PATH, as a head's jobs get the PATH it was started with."""
     from svd_batch import WORKER_ENV
 
     port, dashboard = free_port(), free_port()
@@ -200,9 +202,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
             "ray-client-server-port",
         )
     ]
-    # As on a real cluster, whose image has svd-batch installed: the entrypoint finds it on PATH.
-    env = {**os.environ, **WORKER_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    head = subprocess.Popen(
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -214,22 +214,27 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
             f"--dashboard-port={dashboard}",
             "--include-dashboard=true",
             "--num-cpus=4",
-            f"--temp-dir={tmp_path_factory.mktemp('rayhead')}",
+            f"--temp-dir={folder}",
             *agent_ports,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env={**os.environ, **WORKER_ENV, "PATH": path},
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_until(lambda: _answers(f"{address}/api/version"), "the Ray head's dashboard", timeout=240, every=0.5)
-    except AssertionError:
-        head.kill()
-        raise
-    yield address
-    head.send_signal(signal.SIGTERM)
-    head.wait(timeout=60)
+        yield address
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # As on a real cluster, whose image has svd-batch installed: the entrypoint finds it on PATH.
+    with head(tmp_path_factory.mktemp("rayhead"), f"{Path(sys.executable).parent}:{os.environ['PATH']}") as address:
+        yield address
 
 
 def _answers(url: str) -> bool:
@@ -248,6 +253,21 @@ def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) 
         return now if now in states else None
 
     return wait_until(state, f"job {job_id} to reach {states}", timeout=timeout, every=2)
+
+
+@pytest.mark.slow
+def test_submit_to_a_head_that_cannot_run_svd_batch_fails_at_once_in_one_line(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> None:
+    """The README's trap: a head started as .venv/bin/ray start, the venv not activated."""
+    bare = ":".join(d for d in os.environ["PATH"].split(":") if d and not (Path(d) / "svd-batch").exists())
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 1), tiny_model)
+    with head(tmp_path_factory.mktemp("rayhead"), bare) as address:  # a short path: Ray's sockets live there
+        done = cli("submit", str(spec), "--address", address)
+    assert done.returncode == 2 and not done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot submit {spec}: the Ray head cannot run svd-batch: svd-batch is not on"), line
+    assert f"({bare})" in line and "Start the head from the environment svd-batch is installed in" in line
 
 
 @pytest.mark.slow
