@@ -144,10 +144,19 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
 
 
 def worker_pids() -> list[int]:
+    """This test session's svd-batch workers: descendants of this process (its Ray cluster's
+    raylet started them), never those of another suite or job running on the same machine."""
     import psutil
 
-    # Ray titles actor processes "ray::MapWorker(MapBatches(SpecRayWorker))..."
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayWorker" in " ".join(p.info["cmdline"] or [])]
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            # Ray titles actor processes "ray::MapWorker(MapBatches(SpecRayWorker))..."
+            if "RayWorker" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.NoSuchProcess:  # ended between the listing and the look
+            continue
+    return found
 
 
 # --- hostile images -------------------------------------------------------------------------
