@@ -87,10 +87,18 @@ def consistency(
     embed: Callable[[Sequence[Image.Image]], np.ndarray], fitted: Sequence[np.ndarray], frames: Sequence[np.ndarray]
 ) -> list[float]:
     """Cosine similarity of each input's image embedding with its clip's last frame's. `embed`
-    is the pipeline's (Renderer.image_embeddings), called once for all of them: the encoder's
-    per-call cost is most of what scoring costs."""
-    embeddings = embed([Image.fromarray(f) for f in (*fitted, *(clip[-1] for clip in frames))])
-    return [cosine(embeddings[i], embeddings[len(fitted) + i]) for i in range(len(fitted))]
+    is the pipeline's (Renderer.image_embeddings), called once per clip size (the pipeline
+    stacks its images before resizing them, so one call takes one size; a worker's batch can
+    hold several): the encoder's per-call cost is most of what scoring costs."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(fitted):
+        by_size.setdefault(image.shape, []).append(i)
+    scores = [0.0] * len(fitted)
+    for clips in by_size.values():
+        embeddings = embed([Image.fromarray(f) for f in (*(fitted[i] for i in clips), *(frames[i][-1] for i in clips))])
+        for at, i in enumerate(clips):
+            scores[i] = cosine(embeddings[at], embeddings[len(clips) + at])
+    return scores
 
 
 def score_clip(frames: np.ndarray, fitted: np.ndarray, consistency: float | None = None) -> ClipScores:

@@ -90,3 +90,11 @@ def test_consistency_comes_from_the_pipelines_own_image_encoder(loaded) -> None:
     assert same == pytest.approx(1.0, abs=1e-5) and drifted < 1 - 1e-4
     assert drifted == pytest.approx(cosine(embeddings[0], embeddings[2]), abs=1e-5)
     assert score_clip(ends_on_input, image).consistency is None
+    # One worker batch can hold clips of several sizes (a row's own height and width): each
+    # is scored as it would be alone.
+    small = np.ascontiguousarray(texture(48, 2)[:, :40])
+    wide, wide_other = texture(80, 3).reshape(2, 40, 80, 3)  # two 40 x 80 halves of one texture
+    clips = [drifts, np.stack([small, small]), np.stack([wide, wide_other])]
+    mixed = consistency(embed, [image, small, wide], clips)
+    assert mixed[0] == pytest.approx(drifted, abs=1e-5) and mixed[1] == pytest.approx(1.0, abs=1e-5)
+    assert mixed[2] == pytest.approx(consistency(embed, [wide], clips[2:])[0], abs=1e-5) and mixed[2] < 1 - 1e-4
