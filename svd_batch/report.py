@@ -115,7 +115,9 @@ def _runs_table(metadata_uri: str) -> str:
 def _poster_card(row: pd.Series, label: str) -> str:
     src = poster(row)
     img = f"<img src='{src}' alt='{html.escape(label)}'>" if src else ""
-    return f"<a href='{html.escape(_video_link(row))}'>{img}<span>{html.escape(label)}</span></a>"
+    caption = row.get("caption")
+    hover = f" title='{html.escape(caption)}'" if isinstance(caption, str) else ""  # a dataset's caption, on hover
+    return f"<a href='{html.escape(_video_link(row))}'{hover}>{img}<span>{html.escape(label)}</span></a>"
 
 
 def _scores(table: pd.DataFrame, by: str) -> list[str]:

@@ -37,7 +37,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
     for i in range(3):
         make_image(folder / f"{i}.png", seed=i)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    rows = [f'{{"id": "r{i}", "image": "{i}.png"}}' for i in range(2)] + [
+    rows = [
+        '{"id": "r0", "image": "0.png"}',
+        '{"id": "r1", "image": "1.png", "caption": "a cat & a <dog>"}',
         # Gated past any clip: rejected, and kept for a look.
         '{"id": "r2", "image": "2.png", "quality": {"min_motion": 1e9, "keep_rejected": true}}',
         '{"id": "bad", "image": "broken.png"}',
@@ -84,7 +86,10 @@ class Page(HTMLParser):
 
 
 def test_report_has_counts_failures_timings_scores_and_posters(rendered: Path) -> None:
-    page = Page(build(str(rendered / "metadata")))
+    written = build(str(rendered / "metadata"))
+    page = Page(written)
+    # A clip's caption shows on hover over each of its cards (best, worst, contact sheet), escaped.
+    assert written.count("title='a cat &amp; a &lt;dog&gt;'>") == 3 and written.count(" title=") == 3
     text = " | ".join(page.text)
     assert "ok | rejected | failed | 2 | 1 | 1" in text  # the counts table, header then values
     # Grouped by the error_stage and error_type columns, never by parsing the message.
