@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -207,9 +206,11 @@ def run(
     Exit 0 all ok, 1 rows failed, 2 cannot start, 3 stopped early (deadline or signal; rerun resumes).
     SIGTERM and Ctrl-C drain: rows in flight finish and are committed; a second one stops at once.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Column
 
     from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, load_spec, next_deadline, parse_duration
+    from svd_batch.eta import progress_line
 
     try:
         spec = load_spec(job)
@@ -221,22 +222,15 @@ def run(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeRemainingColumn(),
+        # Folded, not cut, on a narrow terminal: the limit's verdict is the end of the line.
+        TextColumn("{task.fields[detail]}", table_column=Column(overflow="fold")),
     )
     drop_known_native_notes()
-    started = time.monotonic()
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(spec.name, total=None, detail="planning")
 
         def show(counts: dict[str, int], total: int) -> None:
-            finished = sum(counts.values())
-            minutes = max((time.monotonic() - started) / 60, 1e-9)
-            rate = counts.get("ok", 0) / minutes
-            detail = f"ok {counts.get('ok', 0)}  failed {counts.get('failed', 0)}  skipped {counts.get('skipped', 0)}"
-            if counts.get("rejected"):
-                detail += f"  rejected {counts['rejected']}"
-            bar.update(task, total=total, completed=finished, detail=f"{detail}  {rate:.1f} videos/min")
+            bar.update(task, total=total, completed=sum(counts.values()), detail=progress_line(runner.summary()))
 
         runner = Job(
             spec,
@@ -325,10 +319,14 @@ def submit(
 
 @app.command()
 def status(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
-    """Print a submitted job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    """Print a submitted job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), then its
+    progress once it has one: counts, videos/min over the last minutes, ETA, and what its time
+    limit will leave at this rate."""
     from svd_batch import submit as jobs
 
     out.print(f"{job_id} {jobs.status(job_id, address)}")
+    if (line := jobs.progress(job_id, address)) is not None:
+        out.print(line, highlight=False)
 
 
 @app.command()

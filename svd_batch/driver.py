@@ -36,6 +36,7 @@ from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
 from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, worker_memory
 from svd_batch.errors import first_line
+from svd_batch.eta import Throughput
 from svd_batch.ledger import KeySet, Lease, LeaseHeld, Progress, close_lost, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import MetadataWriter, rows_to_table
@@ -231,6 +232,8 @@ class Job:
         self.stalled: str | None = None  # why the workers stopped making progress, if they did
         self.stopped: str | None = None  # why the job stopped taking rows early, if it did
         self.out_of_time = False  # stopped by its deadline or duration limit (not a signal or a lost lease)
+        self.throughput = Throughput()  # videos this run made, over the last minutes
+        self._limit: tuple[float, str] | None = None  # the earliest time limit: (monotonic time, its name)
         self.record: RunRecord | None = None
         self.worker_memory = 0  # bytes each worker asks Ray for, from the weights (start)
         self.weights = ""  # the model's fingerprint, which keys name (start)
@@ -278,10 +281,14 @@ class Job:
             {"stage": stage, "type": kind, "retryable": retryable, "rows": n}
             for (stage, kind, retryable), n in self.failures.most_common()
         ]
+        remaining = max(self.total - sum(self.counts.values()), 0)
+        limit_in_s = self._limit[0] - time.monotonic() if self._limit else None
         return {
             **record,
             "counts": dict(self.counts),
             "total": self.total,
+            **self.throughput.forecast(remaining, limit_in_s),
+            "limit": self._limit[1] if self._limit else None,
             "error": error,
             "failures": failures,
             "output": self.spec.output,
@@ -362,6 +369,7 @@ class Job:
                 for work in planned.iter_batches(batch_size=None, batch_format="pyarrow"):
                     self._commit([invalid_row(i, _now()) for i in items_from_table(work) if i.error is not None])
             else:
+                self.throughput.add(time.monotonic(), 0)
                 for batch in render(self.spec, planned, self.worker_memory):
                     self._commit(batch)
                     self._control.got_back.remote(batch.num_rows)
@@ -454,9 +462,10 @@ class Job:
             self._report(force=True)
 
     def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        self.throughput.add(now, sum(self.counts[status.value] for status in Status))  # made by this run
         if self.progress:
             self.progress(self.counts, self.total)
-        now = time.monotonic()
         if force or now - self._last_status >= self.status_every:
             self._last_status = now
             document = {
@@ -471,15 +480,20 @@ class Job:
                 log.warning("status not written: %s", exc)
 
     def _arm_timers(self) -> list[threading.Timer]:
-        limits = []
+        limits = []  # (seconds from now, why the run stops then, what the forecast calls it)
         if self.deadline is not None:
             # Both in UTC: Python subtracts two times of one zone on the wall clock, DST and all.
             seconds = (self.deadline.astimezone(dt.UTC) - dt.datetime.now(dt.UTC)).total_seconds()
-            limits.append((seconds, f"stopped at deadline {deadline_label(self.deadline)}"))
+            reason = f"stopped at deadline {deadline_label(self.deadline)}"
+            limits.append((seconds, reason, f"{self.deadline:%H:%M %Z}"))
         if self.max_duration is not None:
-            limits.append((self.max_duration, f"stopped at the {_format_duration(self.max_duration)} limit"))
+            limit = f"the {_format_duration(self.max_duration)} limit"
+            limits.append((self.max_duration, f"stopped at {limit}", limit))
+        if limits:
+            seconds, _, name = min(limits)
+            self._limit = (time.monotonic() + seconds, name)
         timers = []
-        for seconds, reason in limits:
+        for seconds, reason, _ in limits:
             if seconds <= 0:  # already due: no row is taken (a timer thread might start late)
                 self._time_up(reason)
                 continue

@@ -7,6 +7,7 @@ filesystem) — object-storage URIs travel unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from svd_batch import WORKER_ENV
+from svd_batch.eta import progress_line
+from svd_batch.storage import StorageError, open_storage
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -31,9 +34,10 @@ def client(address: str | None):  # type: ignore[no-untyped-def]
     return JobSubmissionClient(address or os.environ.get("RAY_JOBS_ADDRESS") or DEFAULT_ADDRESS)
 
 
-def package(spec_path: Path, into: Path) -> None:
+def package(spec_path: Path, into: Path) -> str:
     """Copy the spec, every path in it made absolute, and a local manifest, into a folder the
-    Jobs API uploads: relative paths would resolve against Ray's temporary working dir."""
+    Jobs API uploads: relative paths would resolve against Ray's temporary working dir.
+    Returns where the run's metadata goes (its `_status.json` is there)."""
     from svd_batch.driver import load_spec
 
     spec = load_spec(spec_path)
@@ -45,6 +49,7 @@ def package(spec_path: Path, into: Path) -> None:
         update = {"manifest": source.name, "manifest_base": spec.manifest_base or str(source.parent)}
     shipped = spec.model_copy(update=update).model_dump(mode="json", exclude_defaults=True)
     (into / "job.yaml").write_text(yaml.safe_dump(shipped, sort_keys=False))
+    return spec.metadata_uri
 
 
 # A job's entrypoint runs in a shell with the head's PATH, which need not be the environment
@@ -59,7 +64,7 @@ class HeadError(RuntimeError):
 
 def submit(spec_path: Path, address: str | None, run_args: list[str], wait_s: float = 120.0) -> str:
     with tempfile.TemporaryDirectory(prefix="svd-batch-submit-") as folder:
-        package(spec_path, Path(folder))
+        metadata = package(spec_path, Path(folder))
         jobs, delay, deadline = client(address), 1.0, time.monotonic() + wait_s
         while True:
             try:
@@ -71,7 +76,7 @@ def submit(spec_path: Path, address: str | None, run_args: list[str], wait_s: fl
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        return _submit(jobs, folder, spec_path, run_args)
+        return _submit(jobs, folder, spec_path, metadata, run_args)
 
 
 def check_head(jobs, wait_s: float) -> None:  # type: ignore[no-untyped-def]
@@ -90,13 +95,14 @@ def check_head(jobs, wait_s: float) -> None:  # type: ignore[no-untyped-def]
         )
 
 
-def _submit(jobs, folder: str, spec_path: Path, run_args: list[str]) -> str:  # type: ignore[no-untyped-def]
+def _submit(jobs, folder: str, spec_path: Path, metadata: str, run_args: list[str]) -> str:  # type: ignore[no-untyped-def]
     return jobs.submit_job(
         entrypoint=" ".join(["svd-batch", "run", "job.yaml", *run_args]),
         # `svd-batch stop` makes Ray SIGTERM the driver, which drains; Ray SIGKILLs it after
         # RAY_JOB_STOP_WAIT_TIME_S (default 3 s), too soon for the batches in flight.
         runtime_env={"working_dir": folder, "env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": "900"}},
-        metadata={"svd_batch_spec": spec_path.name},
+        # Where the run writes _status.json, for `svd-batch status` (a URI, never a credential).
+        metadata={"svd_batch_spec": spec_path.name, "svd_batch_metadata": metadata},
     )
 
 
@@ -112,6 +118,19 @@ def _probe_said(jobs, probe: str) -> str | None:  # type: ignore[no-untyped-def]
 
 def status(job_id: str, address: str | None) -> str:
     return str(client(address).get_job_status(job_id).value)
+
+
+def progress(job_id: str, address: str | None) -> str | None:
+    """The progress line of the run's `_status.json`; None before its first report (or for a
+    job svd-batch did not submit)."""
+    uri = (client(address).get_job_info(job_id).metadata or {}).get("svd_batch_metadata")
+    if not uri:
+        return None
+    try:
+        summary = json.loads(open_storage(uri).get_bytes("_status.json"))
+    except (StorageError, ValueError):
+        return None
+    return progress_line(summary)
 
 
 def logs(job_id: str, address: str | None) -> str:

@@ -387,11 +387,13 @@ def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
 ) -> None:
     make_image(tmp_path / "img" / "0.png")
     spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model)
-    done = cli("run", str(spec), "--address", ray_cluster.get_runtime_context().gcs_address, timeout=600)
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = cli("run", str(spec), "--address", address, "--max-duration", "1h", env={"COLUMNS": "160"}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
     expected = [
-        r"t [━ ]+ 1/1 ok 1  failed 0  skipped 0  .* videos/min .*",  # the progress line, as it ends
+        # The progress line, as it ends: counts, the rate over the last minutes, ETA, the limit's verdict.
+        r"t [━ ]+ 1/1 ok 1  failed 0  skipped 0  [0-9.]+ videos/min  ETA 0:00:00  ends before the 1h limit",
         r" *t  run \S+",  # the summary table's title, its four rules and two rows
         *[r"[┏┃┡│└].*"] * 5,
         rf"videos:   {tmp_path}/outputs",

@@ -249,7 +249,7 @@ def _answers(url: str) -> bool:
 
 def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) -> str:
     def state() -> str | None:
-        now = cli("status", job_id, "--address", address).stdout.strip().split()[-1]
+        now = cli("status", job_id, "--address", address).stdout.splitlines()[0].split()[-1]
         return now if now in states else None
 
     return wait_until(state, f"job {job_id} to reach {states}", timeout=timeout, every=2)
@@ -282,6 +282,10 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     state = wait_for(job_id, ray_head, {"SUCCEEDED", "FAILED"})
     logs = cli("logs", job_id, "--address", ray_head).stdout
     assert state == "SUCCEEDED", logs[-3000:]
+    # Status reads the run's own _status.json: its counts, rate and ETA under the job's state.
+    said = cli("status", job_id, "--address", ray_head).stdout.splitlines()
+    assert said[0] == f"{job_id} SUCCEEDED"
+    assert re.fullmatch(r"ok 2  failed 0  skipped 0  [0-9.]+ videos/min  ETA 0:00:00", said[1]), said
     assert "ok" in logs and "metadata:" in logs
     assert sorted(results(spec).id) == ["q0", "q1"]  # written where the spec said, from the cluster
     # A video lost from storage is made again by a submitted run told to verify the outputs.
