@@ -37,10 +37,10 @@ class Throughput:
         """`eta_s` to finish the `remaining` videos at this rate, and, for a run with a time
         limit `limit_in_s` away, how many it will leave then (None until there is a rate)."""
         rate = self.per_s()
-        eta = 0.0 if remaining <= 0 else (remaining / rate if rate else None)
+        eta = 0.0 if remaining <= 0 else (remaining / rate if rate else None)  # none made lately: no ETA
         left = None
-        if limit_in_s is not None and eta is not None:
-            left = max(0, remaining - int(rate * max(limit_in_s, 0.0))) if remaining > 0 else 0
+        if limit_in_s is not None and (rate is not None or remaining <= 0):
+            left = max(0, remaining - int((rate or 0.0) * max(limit_in_s, 0.0)))
         return {"videos_per_s": rate, "eta_s": eta, "left_at_limit": left}
 
 

@@ -27,6 +27,8 @@ def test_a_time_limit_says_what_it_will_leave_at_this_rate() -> None:
     assert rate.forecast(3000, limit_in_s=3520)["left_at_limit"] == 1240
     assert rate.forecast(100, limit_in_s=3520)["left_at_limit"] == 0
     assert rate.forecast(0, limit_in_s=10) == {"videos_per_s": 0.5, "eta_s": 0.0, "left_at_limit": 0}
+    rate.add(400, 50)  # nothing made for 5 minutes (a stall): no ETA, and all of it left at the limit
+    assert rate.forecast(3000, limit_in_s=3520) == {"videos_per_s": 0.0, "eta_s": None, "left_at_limit": 3000}
 
 
 def test_the_progress_line_reads_as_an_operator_would_say_it() -> None:
