@@ -38,6 +38,7 @@ demo: setup
 	@$(PY) jobs/demo/make_inputs.py
 	@test -f .cache/tiny-svd/model_index.json || $(VENV)/bin/svd-batch tiny-model .cache/tiny-svd
 	@$(VENV)/bin/svd-batch run jobs/demo/job.yaml
+	@$(VENV)/bin/svd-batch report out/demo
 
 # The report test opens the page in a real headless Chromium, from Debian's packages.
 browser:

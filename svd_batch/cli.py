@@ -176,6 +176,53 @@ DEADLINE_HELP = (
 
 
 @app.command()
+def estimate(
+    job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    devices: Annotated[int | None, typer.Option(min=1, help="Devices to plan for; default: workers.count.")] = None,
+    deadline: Annotated[str | None, typer.Option(help="When it must end: HH:MM, HH:MM@Area/City or ISO.")] = None,
+    sample: Annotated[
+        int | None, typer.Option(min=1, help="Rows to render; default: one per distinct call setting.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Render a few of the rows left, on one in-process worker, and say what the whole job will take."""
+    import json
+
+    from svd_batch.driver import EXIT_CANNOT_START, JobError, load_spec, next_deadline
+    from svd_batch.engine.loader import ModelError
+    from svd_batch.estimate import estimate as measure
+    from svd_batch.eta import duration
+    from svd_batch.manifest import ManifestError
+    from svd_batch.storage import StorageError
+
+    try:
+        spec = load_spec(job)
+        until = next_deadline(deadline) if deadline else None
+        found = measure(spec, devices or spec.workers.count, sample, until)
+    except (JobError, ValueError, ModelError, ManifestError, StorageError) as exc:
+        raise fail(str(exc), EXIT_CANNOT_START) from None
+    if as_json:
+        out.print_json(json.dumps(found))
+        return
+    sampled = sum(s["sampled"] for s in found["settings"])
+    out.print(
+        f"{spec.name}: {found['videos']:,} videos left in {len(found['settings'])} setting(s); {sampled} rendered on "
+        f"one worker (model load {found['load_s']:.1f} s)",
+        highlight=False,
+    )
+    for s in found["settings"]:
+        per = f"{s['seconds_per_video']:.2f} s/video" if s["seconds_per_video"] is not None else "not measured"
+        out.print(f"  {s['setting']}: {s['videos']:,} videos, {per}", highlight=False)
+    verdict = f"device-hours {found['device_hours']:.2f}; wall-clock at {found['devices']} device(s) "
+    verdict += duration(found["wall_hours"] * 3600)
+    if until is not None:
+        needed = found["devices_needed"]
+        verdict += f"; deadline {until:%Y-%m-%d %H:%M %Z}: " + ("met" if found["meets_deadline"] else "missed")
+        verdict += f" ({needed} device(s) would meet it)" if needed else " (no device count meets it)"
+    out.print(verdict, highlight=False)
+
+
+@app.command()
 def run(
     job: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     address: Annotated[

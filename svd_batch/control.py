@@ -10,7 +10,9 @@ and take the run with it). It holds
   Their deaths are counted per row, which is how a row that kills its worker every time is
   found and isolated (see RayWorker), and how `attempt` is the true attempt number;
 - rows that outlived `workers.row_timeout_s`, and the results of rows finished while a
-  worker re-renders a troubled batch one row at a time, so a later death loses none of them.
+  worker re-renders a troubled batch one row at a time, so a later death loses none of them;
+- with shards, the rows each worker holds in its open shard, and the rows of the shards it
+  committed, until the driver takes them (a worker's last shard is committed after the stream).
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class JobControl:
     open_calls: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # worker -> (pid, keys)
     history: dict[str, History] = field(default_factory=dict)
     plan: Counter[str] = field(default_factory=Counter)  # videos, skipped, left, handed (on to workers)
-    returned: int = 0  # rows the driver got back from the workers
+    returned: int = 0  # rows the driver got back from the workers (or that wait in a worker's open shard)
+    holding: dict[str, int] = field(default_factory=dict)  # worker -> rows in its open shard
+    committed: list[dict[str, Any]] = field(default_factory=list)  # rows of committed shards, for the driver
+    lost_in_shards: int = 0
 
     @staticmethod
     def name(run_id: str) -> str:
@@ -52,6 +57,28 @@ class JobControl:
 
     def got_back(self, rows: int) -> None:
         self.returned += rows
+
+    def shard_rows(self, worker: str, holding: int, committed: list[dict[str, Any]], restarted: bool = False) -> bool:
+        """A worker's shards: the rows in its open one, and the rows of those it committed.
+
+        Rows in an open shard count as returned for planning's window, and stay counted when a
+        restarted worker says its open shard died with its last process: they never come back.
+        A committed row counts as made, should its batch be rendered again after a death."""
+        before = self.holding.get(worker, 0)
+        if restarted:
+            self.lost_in_shards, before = self.lost_in_shards + before, 0
+        self.returned += len(committed) + holding - before
+        self.holding[worker] = holding
+        self.committed += committed
+        for row in committed:
+            self.history.setdefault(row["key"], History()).row = row
+        return True  # taken: the worker need not return the rows itself
+
+    def take_committed(self) -> tuple[list[dict[str, Any]], int, int]:
+        """The rows of shards committed since the last call, the rows in open shards, and the
+        rows lost with an open shard so far."""
+        rows, self.committed = self.committed, []
+        return rows, sum(self.holding.values()), self.lost_in_shards
 
     def plan_counts(self) -> dict[str, int]:
         return dict(self.plan)

@@ -40,15 +40,19 @@ from svd_batch.eta import Throughput
 from svd_batch.ledger import KeySet, Lease, LeaseHeld, Progress, close_lost, repair, write_record
 from svd_batch.manifest import ManifestError, read_rows
 from svd_batch.metadata import MetadataWriter, rows_to_table
+from svd_batch.metrics import DriverMetrics
 from svd_batch.notify import post
 from svd_batch.plan import Planner, RowError
 from svd_batch.planning import PlanError, invalid_row, items_from_table, plan_dataset, prepare
 from svd_batch.render import Stalled, configure_ray_data, render, start_control
 from svd_batch.schema import JobSpec, ResultRow, RunRecord, Stage, Status, explain
+from svd_batch.shards import reconcile
 from svd_batch.storage import StorageError, local_path, open_storage
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
 log = logging.getLogger(__name__)
+# How long the driver waits, after the stream, for the workers to commit their last shards.
+LAST_SHARD_TIMEOUT_S = 300.0
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -233,11 +237,13 @@ class Job:
         self.stopped: str | None = None  # why the job stopped taking rows early, if it did
         self.out_of_time = False  # stopped by its deadline or duration limit (not a signal or a lost lease)
         self.throughput = Throughput()  # videos this run made, over the last minutes
+        self.lost_in_shards = 0  # rows lost with a worker's open shard (they were made, but never committed)
         self._limit: tuple[float, str] | None = None  # the earliest time limit: (monotonic time, its name)
         self.record: RunRecord | None = None
         self.worker_memory = 0  # bytes each worker asks Ray for, from the weights (start)
         self.weights = ""  # the model's fingerprint, which keys name (start)
         self._control: Any = None
+        self.metrics: DriverMetrics | None = None  # once connected to Ray
         self._started = time.monotonic()
         self._last_status = 0.0
 
@@ -287,6 +293,7 @@ class Job:
             **record,
             "counts": dict(self.counts),
             "total": self.total,
+            "remaining": remaining,  # planned, not ended yet
             **self.throughput.forecast(remaining, limit_in_s),
             "limit": self._limit[1] if self._limit else None,
             "error": error,
@@ -328,6 +335,8 @@ class Job:
         )
         try:
             repair(self.meta)
+            if self.spec.shards is not None:
+                self._reconcile_shards()
             write_record(self.runs, self.record)
             if self.lease.taken_from is not None:
                 close_lost(self.runs, self.lease.taken_from)
@@ -346,6 +355,7 @@ class Job:
             except ClusterError as exc:
                 raise JobError(str(exc)) from None
             self._check_memory()
+            self.metrics = DriverMetrics(self.spec.name)
             configure_ray_data(self.spec)
             if self.handle_signals:
                 for signum in (signal.SIGTERM, signal.SIGINT):
@@ -370,14 +380,34 @@ class Job:
                     self._commit([invalid_row(i, _now()) for i in items_from_table(work) if i.error is not None])
             else:
                 self.throughput.add(time.monotonic(), 0)
-                for batch in render(self.spec, planned, self.worker_memory):
+                for batch in render(self.spec, self.run_id, planned, self.worker_memory):
                     self._commit(batch)
                     self._control.got_back.remote(batch.num_rows)
+                    self._take_shards()
                     self._plan_counts()
                     self._report()
+                self._last_shards()
         except Stalled as exc:
             self.stalled = str(exc)
         self._account()
+
+    def _take_shards(self) -> int:
+        """Commit the rows of the shards workers committed; returns the rows in open shards."""
+        import ray
+
+        if self.spec.shards is None:
+            return 0
+        rows, holding, self.lost_in_shards = ray.get(self._control.take_committed.remote())
+        if rows:
+            self._commit(rows_to_table(rows))
+        return holding
+
+    def _last_shards(self) -> None:
+        """Ray Data ends the workers after the stream, and each commits its last shard then."""
+        give_up = time.monotonic() + LAST_SHARD_TIMEOUT_S
+        while self._take_shards() and time.monotonic() < give_up:
+            time.sleep(0.2)
+        self._report()
 
     def _plan_counts(self) -> Counter[str]:
         import ray
@@ -400,7 +430,9 @@ class Job:
             return
         if not unreturned and not self.stalled:
             return
-        reason = self.stalled or "no worker returned it"
+        reason = self.stalled or "no worker returned it" + (
+            f" ({self.lost_in_shards} rows were in the open shards of workers that died)" if self.lost_in_shards else ""
+        )
         stage, kind = Stage.worker, "Stalled" if self.stalled else "Lost"
         try:
             self.writer.flush(must=True)
@@ -431,7 +463,10 @@ class Job:
         """Hand rows to the metadata writer, and count them and their failure classes."""
         table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
         self.writer.add(table)
-        self.counts.update(table.column("status").to_pylist())
+        statuses = table.column("status").to_pylist()
+        self.counts.update(statuses)
+        if self.metrics is not None:
+            self.metrics.ended(statuses)
         failed = table.filter(pc.equal(table.column("status"), Status.failed.value))
         columns = (failed.column(c).to_pylist() for c in ("error_stage", "error_type", "retryable"))
         self.failures.update((s, t, bool(r)) for s, t, r in zip(*columns, strict=True))
@@ -442,6 +477,8 @@ class Job:
             return
         try:
             self.writer.close()
+            if self.spec.shards is not None:
+                self._reconcile_shards()
         except StorageError as exc:
             raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
         finally:
@@ -461,6 +498,11 @@ class Job:
                 log.warning("run record not written: %s", exc)
             self._report(force=True)
 
+    def _reconcile_shards(self) -> None:
+        deleted = reconcile(self.output, self.meta)
+        if deleted:
+            log.warning("deleted %d shard(s) that no metadata row names (a run died before its rows)", deleted)
+
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
         self.throughput.add(now, sum(self.counts[status.value] for status in Status))  # made by this run
@@ -468,8 +510,11 @@ class Job:
             self.progress(self.counts, self.total)
         if force or now - self._last_status >= self.status_every:
             self._last_status = now
+            summary = self.summary()
+            if self.metrics is not None:
+                self.metrics.progress(summary["remaining"], summary["eta_s"])
             document = {
-                **self.summary(),
+                **summary,
                 "elapsed_s": round(now - self._started, 1),
                 "updated_at": dt.datetime.now(dt.UTC).isoformat(),
             }

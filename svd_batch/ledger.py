@@ -128,7 +128,8 @@ class Progress:
 def progress(
     meta: Storage, formats: list[str], outputs: Storage | None = None, exclude_run: str | None = None
 ) -> Progress:
-    """`outputs`: check that each done key's objects still exist (`run --verify-outputs`).
+    """`formats`: what a done key has (JobSpec.made: its formats, and `shard` for a job with shards).
+    `outputs`: check that each done key's objects still exist (`run --verify-outputs`).
     `exclude_run`: the keys that run produced count as done, whatever became of them."""
     wanted = [f"{f}_uri" for f in formats]
     table, hashes = _latest(read_table(meta, ["key", "status", "retryable", "run_id", "ended_at", *wanted]))
@@ -156,7 +157,7 @@ def progress(
 
 def _listing(outputs: Storage) -> set[str]:
     uris = set()
-    for key in outputs.list("videos"):
+    for key in [*outputs.list("videos"), *outputs.list("shards")]:
         uris.add(outputs.uri(key))
         uris.add(outputs.uri(str(PurePosixPath(key).parent)) + "/")  # PNG frames: the folder's URI
     return uris

@@ -260,7 +260,7 @@ def prepare(
     pieces, duplicates, problem = task(_survey).options(num_returns=3).remote(spec.manifest, piece_bytes or PIECE_BYTES)
     outputs = spec.output if verify_outputs else None
     earlier, trouble, warnings = (
-        task(_earlier).options(num_returns=3).remote(spec.metadata_uri, list(spec.formats), outputs, exclude_run)
+        task(_earlier).options(num_returns=3).remote(spec.metadata_uri, spec.made, outputs, exclude_run)
     )
     for line in ray.get(warnings):
         log.warning("%s", line)

@@ -48,7 +48,7 @@ def configure_ray_data(spec: JobSpec) -> None:
     context.max_errored_blocks = -1
 
 
-def render(spec: JobSpec, planned: Any, worker_memory: int) -> Iterator[pa.Table]:
+def render(spec: JobSpec, run_id: str, planned: Any, worker_memory: int) -> Iterator[pa.Table]:
     """Result rows of the planned dataset, a batch at a time, as workers return them; raises Stalled."""
     import ray
     from ray.data.exceptions import ExecutionTimeoutError
@@ -58,7 +58,7 @@ def render(spec: JobSpec, planned: Any, worker_memory: int) -> Iterator[pa.Table
     workers = spec.workers
     resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
     ds = planned.map_batches(
-        worker_class(spec.model_dump_json()),
+        worker_class(spec.model_dump_json(), run_id),
         batch_size=workers.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers.count),

@@ -32,8 +32,9 @@ h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 .counts td{font-size:20px;text-align:right}.ok{color:#186a3b}.failed{color:#a01818}
 .plots{display:flex;flex-wrap:wrap;gap:16px}.sheet{display:flex;flex-wrap:wrap;gap:8px}
-.sheet a{display:block;width:136px;font-size:11px;text-decoration:none;color:#333;word-break:break-all}
-.sheet img{display:block;width:128px;height:auto;border:1px solid #bbb;background:#000}
+.sheet a{display:block;width:268px;font-size:11px;text-decoration:none;color:#333;word-break:break-all}
+.sheet img{display:inline-block;width:128px;height:auto;border:1px solid #bbb;background:#000;margin-right:4px}
+.timeline circle{fill:#3b6ea5}.lane rect.busy{fill:#3b6ea5}.lane rect.idle{fill:#e3e3e3}
 details{margin:4px 0}code{font-size:12px}
 """
 
@@ -64,6 +65,23 @@ def histogram_svg(
     )
 
 
+def thumbnail(image: Image.Image) -> str:
+    """A small JPEG data URI."""
+    image = image.convert("RGB")
+    image.thumbnail((128, 128))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def input_thumbnail(row: pd.Series) -> str | None:
+    """The row's input image, as a small JPEG data URI (None if it cannot be read now)."""
+    try:
+        return thumbnail(Image.open(io.BytesIO(read_uri(row.image))))
+    except Exception:  # moved or deleted since the run: the card shows the video alone
+        return None
+
+
 def poster(row: pd.Series) -> str | None:
     """The first frame of the row's video as a small JPEG data URI."""
     import imageio.v2 as imageio
@@ -82,11 +100,73 @@ def poster(row: pd.Series) -> str | None:
         if not isinstance(uri, str):
             return None
         frame = np.asarray(Image.open(io.BytesIO(read_uri(uri + "00000.png"))))
-    image = Image.fromarray(np.asarray(frame)[..., :3]).convert("RGB")
-    image.thumbnail((128, 128))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return thumbnail(Image.fromarray(np.asarray(frame)[..., :3]))
+
+
+def timeline_svg(ended: pd.Series, width: int = 640, height: int = 160) -> str:
+    """Videos ended per minute, one point per minute from the first to the last (idle ones at 0)."""
+    minutes = pd.to_datetime(ended, utc=True).dt.floor("min")
+    span = pd.date_range(minutes.min(), minutes.max(), freq="min")
+    counts = minutes.value_counts().reindex(span, fill_value=0)
+    top, step = max(int(counts.max()), 1), (width - 40) / max(len(span) - 1, 1)
+    points = [(20 + i * step, height - 20 - c / top * (height - 40), t, c) for i, (t, c) in enumerate(counts.items())]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in points)
+    dots = "".join(
+        f"<circle class='minute' cx='{x:.1f}' cy='{y:.1f}' r='3'><title>{t:%H:%M} UTC: {c} videos</title></circle>"
+        for x, y, t, c in points
+    )
+    caption = f"videos per minute, {span[0]:%H:%M}–{span[-1]:%H:%M} UTC: {len(span)} minutes, at most {top} a minute"
+    return (
+        f"<figure class='timeline'><svg width='{width}' height='{height}' role='img' aria-label='videos per minute'>"
+        f"<polyline points='{line}' fill='none' stroke='#3b6ea5'/>{dots}</svg>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def lanes_svg(rows: pd.DataFrame, width: int = 640, lane: int = 22) -> str:
+    """One lane per worker across the run: when it was rendering (blue) and when idle (grey)."""
+    timed = rows.dropna(subset=["worker", "started_at", "ended_at"])
+    start, end = timed.started_at.min(), timed.ended_at.max()
+    total = max((end - start).total_seconds(), 1e-3)
+    scale = (width - 260) / total
+    lanes = []
+    for n, (worker, group) in enumerate(sorted(timed.groupby("worker"), key=lambda item: item[0])):
+        merged: list[list[float]] = []  # a batch's rows overlap: their union is the busy time
+        for a, b in sorted(zip(group.started_at, group.ended_at, strict=True)):
+            a_s, b_s = (a - start).total_seconds(), (b - start).total_seconds()
+            if merged and a_s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b_s)
+            else:
+                merged.append([a_s, b_s])
+        busy = sum(b - a for a, b in merged)
+        y = n * lane
+        bars = "".join(
+            f"<rect class='busy' x='{260 + a * scale:.1f}' y='{y + 3}' width='{max((b - a) * scale, 1):.1f}' "
+            f"height='{lane - 6}'><title>{a:.0f}–{b:.0f} s</title></rect>"
+            for a, b in merged
+        )
+        node = group.node.dropna().iloc[0] if group.node.notna().any() else "?"
+        lanes.append(
+            f"<g class='lane' data-worker='{html.escape(str(worker))}'><text x='0' y='{y + lane - 7}' font-size='11'>"
+            f"{html.escape(str(worker))}: busy {busy / total:.0%}<title>node {html.escape(node)}</title></text>"
+            f"<rect class='idle' x='260' y='{y + 3}' width='{width - 260}' "
+            f"height='{lane - 6}'/>{bars}</g>"
+        )
+    return (
+        f"<figure><svg class='lanes' width='{width}' height='{len(lanes) * lane}' role='img' "
+        f"aria-label='busy and idle time per worker'>{''.join(lanes)}</svg><figcaption>"
+        f"{len(lanes)} workers over {total:.0f} s, from {start:%H:%M:%S} UTC</figcaption></figure>"
+    )
+
+
+def _night(table: pd.DataFrame) -> list[str]:
+    """The latest run that made anything: its videos per minute, and each worker's lane."""
+    made = table[table.ended_at.notna() & table.worker.notna()]
+    if not len(made):
+        return []
+    run = made.run_id.max()
+    rows = made[made.run_id == run]
+    return [f"<h2>Run {html.escape(run)}</h2>", timeline_svg(rows.ended_at), lanes_svg(rows)]
 
 
 def _video_link(row: pd.Series) -> str:
@@ -113,8 +193,9 @@ def _runs_table(metadata_uri: str) -> str:
 
 
 def _poster_card(row: pd.Series, label: str) -> str:
-    src = poster(row)
-    img = f"<img src='{src}' alt='{html.escape(label)}'>" if src else ""
+    """The input beside the first frame of its video, linking to the video."""
+    pair = [(input_thumbnail(row), "input"), (poster(row), "video")]
+    img = "".join(f"<img class='{kind}' src='{src}' alt='{html.escape(label)} {kind}'>" for src, kind in pair if src)
     caption = row.get("caption")
     hover = f" title='{html.escape(caption)}'" if isinstance(caption, str) else ""  # a dataset's caption, on hover
     return f"<a href='{html.escape(_video_link(row))}'{hover}>{img}<span>{html.escape(label)}</span></a>"
@@ -166,6 +247,7 @@ def build(metadata_uri: str, title: str | None = None, by: str = "score_motion")
         + "</tr></table>",
         "<h2>Runs</h2>",
         _runs_table(metadata_uri),
+        *_night(table),
     ]
     failed = table[table.status == "failed"]
     parts.append(f"<h2>Failures ({len(failed)})</h2>")
@@ -176,7 +258,10 @@ def build(metadata_uri: str, title: str | None = None, by: str = "score_motion")
         for label, rows in sorted(failed.groupby(kind), key=lambda item: -len(item[1])):
             items = "".join(f"<li><code>{html.escape(str(e))}</code></li>" for e in rows.error.head(200))
             summary = f"<summary>{html.escape(label)}: {len(rows)} rows</summary>"
-            parts.append(f"<details>{summary}<ul>{items}</ul></details>")
+            # Retryable failures come back on a plain run; final ones only when asked for.
+            again = "svd-batch run JOB.yaml" + ("" if rows.retryable.fillna(False).all() else " --retry-failed")
+            retry = f"<p class='retry'>to render them again: <code>{again}</code></p>"
+            parts.append(f"<details class='failure' open>{summary}{retry}<ul>{items}</ul></details>")
     else:
         parts.append("<p>none</p>")
     ok = table[table.status == "ok"]

@@ -226,6 +226,12 @@ class InputsSpec(Strict):
     max_bytes: Annotated[int, Field(gt=0)] = 64 * 2**20  # per input file, checked before reading
 
 
+class ShardsSpec(Strict):
+    """WebDataset tar shards under <output>/shards/ (shards.py): each worker fills its own."""
+
+    size: Annotated[int, Field(gt=0)] = 1000  # samples per shard; a worker's last shard holds what is left
+
+
 class NotifySpec(Strict):
     # The run's summary JSON is POSTed here when it ends (notify.py). Treated as a secret: no
     # log, record or error message shows more of it than scheme and host.
@@ -250,7 +256,7 @@ class JobSpec(Strict):
     metadata: str | None = None  # default: <output>/metadata
     model: ModelSpec
     defaults: RenderParams = RenderParams()
-    formats: Annotated[list[Format], Field(min_length=1)] = [Format.mp4]
+    formats: list[Format] = [Format.mp4]  # loose files; none with `shards` for shards alone
     workers: WorkersSpec = WorkersSpec()
     inputs: InputsSpec = InputsSpec()
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
@@ -259,6 +265,7 @@ class JobSpec(Strict):
     # Every row's gates; a row's own `quality` overrides them gate by gate.
     quality: QualityGates | None = None
     notify: NotifySpec | None = None
+    shards: ShardsSpec | None = None
     # Manifest columns to carry into each metadata row's `passthrough` (JSON), e.g. a source URL.
     passthrough: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
@@ -286,6 +293,17 @@ class JobSpec(Strict):
         if len(set(names)) < len(names):
             raise ValueError("a column is listed twice; list each once")
         return names
+
+    @model_validator(mode="after")
+    def _outputs(self) -> JobSpec:
+        if not self.formats and self.shards is None:
+            raise ValueError("formats: the job would make nothing; list a format (mp4, gif, webp, png) or set shards")
+        return self
+
+    @property
+    def made(self) -> list[str]:
+        """What a done key has committed: every format, and its shard (the `<name>_uri` columns)."""
+        return [*self.formats, *(["shard"] if self.shards else [])]
 
     @property
     def metadata_uri(self) -> str:
@@ -391,6 +409,9 @@ class ResultRow(BaseModel):
     gif_uri: str | None = None
     webp_uri: str | None = None
     png_uri: str | None = None  # prefix of the numbered frame files
+    # The committed WebDataset shard holding this clip, and its sample key there (shards.py).
+    shard_uri: str | None = None
+    shard_member: str | None = None
     seed: int | None = None
     params: RenderParams | None = None
     image: str

@@ -32,10 +32,12 @@ from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
 from svd_batch.inputs import InputPolicy
 from svd_batch.metadata import rows_to_table
+from svd_batch.metrics import WorkerMetrics
 from svd_batch.plan import retry_seed
 from svd_batch.planning import invalid_row, items_from_table
 from svd_batch.schema import ClipScores, Format, JobSpec, ResultRow, Stage, Status, TryRecord, WorkItem
 from svd_batch.scores import consistency, score_clip
+from svd_batch.shards import OpenShard, jpeg, sample_json
 from svd_batch.storage import open_storage
 
 
@@ -70,6 +72,9 @@ class RowWorker:
         self.load_s = time.perf_counter() - started
         self.load_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         self._loads_reported = False
+        self.shard: OpenShard | None = None  # the spec's `shards`: this worker's open shard
+        self._committed: list[ResultRow] = []  # rows of shards committed (or failed to), not handed over yet
+        self._sharded: set[int] = set()  # id() of the rows handed to a shard, so not handed back with their call
 
     def process(self, items: Sequence[WorkItem], attempt: int = 1) -> list[ResultRow]:
         """One result row per item, in order; a bad item never costs another its video."""
@@ -88,6 +93,25 @@ class RowWorker:
                     again.append(p)
             pending = again
         return [p.row for p in prepared]
+
+    def settle(self, rows: list[ResultRow]) -> tuple[list[ResultRow], list[ResultRow]]:
+        """Split what `process` returned: (the rows to hand back now, the rows of every shard
+        committed since the last call). The rows in the open shard are neither: they are
+        handed over when their shard is committed, and lost with it."""
+        now = [row for row in rows if id(row) not in self._sharded]
+        committed, self._committed = self._committed, []
+        self._sharded.difference_update(id(row) for row in committed)
+        return now, committed
+
+    @property
+    def holding(self) -> int:
+        """Rows in the open shard."""
+        return len(self.shard.rows) if self.shard else 0
+
+    def close(self) -> None:
+        """Commit the open shard: the worker is ending. `settle` hands over its rows."""
+        if self.shard is not None:
+            self._commit_shard()
 
     def _consistency(self, rendered: list[tuple[_Prepared, RenderedVideo]]) -> list[float | Exception]:
         """Each video's consistency score, from one call of the image encoder for them all."""
@@ -223,15 +247,16 @@ class RowWorker:
             video.recovery.append(f"out of memory in decode; decode_chunk_size {planned} -> {video.decode_chunk_size}")
         row.recovery = "; ".join(video.recovery) or None
         if upload:
-            self._upload(p, video)
+            self._upload(p, video, to_shard=status == Status.ok)
         if row.error_stage is None:
             row.status, row.error, row.ended_at = status, None, _now()
 
-    def _upload(self, p: _Prepared, video: RenderedVideo) -> None:
+    def _upload(self, p: _Prepared, video: RenderedVideo, to_shard: bool) -> None:
         row = p.row
         for column, uri in p.item.kept.items():  # made by an earlier run: kept, not written again
             setattr(row, column, uri)
         missing = [fmt for fmt in self.spec.formats if f"{fmt}_uri" not in p.item.kept]
+        to_shard = to_shard and self.spec.shards is not None and "shard_uri" not in p.item.kept
         uploaded: list[str] = []
         try:
             with tempfile.TemporaryDirectory(prefix="svd-batch-") as tmp:
@@ -248,10 +273,48 @@ class RowWorker:
                         uploaded.append(key)
                     uri = self.storage.uri(keys[0])
                     setattr(row, f"{fmt}_uri", uri if fmt != "png" else uri.rsplit("/", 1)[0] + "/")
+                if to_shard:
+                    fps = p.item.params.export_fps
+                    mp4 = written.get(Format.mp4) or encode(video.frames, Format.mp4, fps, Path(tmp), "sample")
+                    self._to_shard(p, video, mp4[0])
                 row.upload_s = time.perf_counter() - started
         except Exception as exc:
             self._fail(p, Stage.output, exc)
             self._discard(row, uploaded)
+
+    def _to_shard(self, p: _Prepared, video: RenderedVideo, mp4: Path) -> None:
+        """The row's sample into the open shard (committed when full); its row is held until then."""
+        assert self.spec.shards is not None and p.request is not None
+        if self.shard is None:
+            self.shard = OpenShard(self.storage, p.item.run_id, self.spec.shards.size)
+        members = {
+            "mp4": mp4.read_bytes(),
+            "json": sample_json(p.row),
+            "input.jpg": jpeg(np.asarray(p.request.image)),
+            "poster.jpg": jpeg(video.frames[0]),
+        }
+        self.shard.add(p.row, members)
+        self._sharded.add(id(p.row))
+        if self.shard.full:
+            self._commit_shard()
+
+    def _commit_shard(self) -> None:
+        """A shard that cannot be committed fails its rows (retryably): they are rendered again."""
+        assert self.shard is not None
+        rows = list(self.shard.rows)
+        try:
+            self._committed += self.shard.commit()
+        except Exception as exc:
+            for row in rows:
+                self._discard(row, [])
+                row.shard_member = None
+                row.status, row.error_stage, row.error_type = Status.failed, Stage.output, type(exc).__name__
+                row.error = (
+                    f"row (id {row.id!r}, video {row.video_index}): {Stage.output}: the shard holding it "
+                    f"could not be committed: {first_line(exc)}; the next run renders it again"
+                )
+                row.retryable = True
+            self._committed += rows
 
     def _discard(self, row: ResultRow, uploaded: list[str]) -> None:
         """A failed row points at nothing: what it uploaded is deleted, and no URI is kept (a kept
@@ -303,9 +366,13 @@ class RayWorker:
     deaths that row fails alone while its batch-mates are made. A call that outlives
     `workers.row_timeout_s` per row ends the worker (the only way to stop a stuck pipeline
     call); Ray restarts it, and the row, if alone, ends failed as retryable.
+
+    With `shards`, a row in the worker's open shard is not handed back with its call: the rows
+    of a committed shard go to the JobControl at once (a later death cannot lose them), and the
+    driver takes them from there. The last shard is committed when Ray Data ends the worker.
     """
 
-    def __init__(self, spec_json: str) -> None:
+    def __init__(self, spec_json: str, run_id: str) -> None:
         import ray
 
         context = ray.get_runtime_context()
@@ -313,6 +380,10 @@ class RayWorker:
         self.worker = RowWorker(self.spec)
         self.worker.node = f"{self.worker.node}/{context.get_node_id()[:12]}"
         self.worker.worker_id = context.get_actor_id()[:16]
+        self.metrics = WorkerMetrics(self.spec.name, self.worker.worker_id, context.was_current_actor_reconstructed)
+        self.control = _control(run_id)
+        if self.spec.shards is not None:  # after a restart: the open shard died with the last process
+            self._tell(self.control, "shard_rows", 0, [], True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = items_from_table(batch)
@@ -320,7 +391,7 @@ class RayWorker:
         items = [i for i in items if i.error is None]
         if not items:
             return rows_to_table(invalid)
-        control = _control(items[0].run_id)
+        control = self.control
         answer = self._tell(control, "begin", os.getpid(), [i.key for i in items])
         draining, history = answer if answer is not None else (False, {})
         if draining:
@@ -328,17 +399,39 @@ class RayWorker:
         if not history:
             try:
                 with self._watchdog(control, items):
-                    return rows_to_table(invalid + self.worker.process(items))
+                    rows = self._settle(control, self._process(items))
             finally:
                 self._tell(control, "end")
+            return rows_to_table(invalid + rows)
         return rows_to_table(invalid + self._one_by_one(control, items, history))
+
+    def __del__(self) -> None:
+        """Ray Data ends its workers when the stream is done: the last shard is committed here."""
+        if getattr(self, "worker", None) is not None and self.worker.holding:
+            self.worker.close()
+            self._settle(self.control, [])
+
+    def _process(self, items: list[WorkItem], attempt: int = 1) -> list[ResultRow]:
+        started = time.monotonic()
+        rows = self.worker.process(items, attempt)
+        self.metrics.call(time.monotonic() - started, rows)
+        return rows
+
+    def _settle(self, control: Any, rows: list[ResultRow]) -> list[ResultRow]:
+        """The rows to return from a call: those of committed shards go to the JobControl."""
+        now, committed = self.worker.settle(rows)
+        if self.spec.shards is None:
+            return now
+        answer = self._tell(control, "shard_rows", self.worker.holding, [row.model_dump() for row in committed])
+        return now if answer is not None else now + committed
 
     def _one_by_one(self, control: Any, items: list[WorkItem], history: dict[str, History]) -> list[ResultRow]:
         rows = []
         for item in items:
             past = history.get(item.key, History())
             if past.row is not None:
-                rows.append(ResultRow.model_validate(past.row))
+                if past.row.get("shard_uri") is None:  # a shard's rows were handed over when it was committed
+                    rows.append(ResultRow.model_validate(past.row))
                 continue
             refusal = self._refusal(past)
             if refusal:
@@ -347,13 +440,14 @@ class RayWorker:
             answer = self._tell(control, "begin", os.getpid(), [item.key], True)
             if answer is not None and answer[0]:
                 break  # drained meanwhile: the rest are left for the next run
-            row = None
+            made: list[ResultRow] = []
             try:
                 with self._watchdog(control, [item]):
-                    (row,) = self.worker.process([item], attempt=past.deaths + 1)
+                    made = self._settle(control, self._process([item], attempt=past.deaths + 1))
             finally:
-                self._tell(control, "end", {item.key: row.model_dump()} if row else None)
-            rows.append(row)
+                # A row in the open shard is not made yet: after a death it is rendered again.
+                self._tell(control, "end", {row.key: row.model_dump() for row in made})
+            rows += made
         return rows
 
     def _refusal(self, past: History) -> tuple[str, str] | None:
@@ -413,12 +507,12 @@ def _control(run_id: str) -> Any:
         return None
 
 
-def worker_class(spec_json: str) -> type[RayWorker]:
+def worker_class(spec_json: str, run_id: str) -> type[RayWorker]:
     """A RayWorker with the spec built in: Ray Data then has no constructor arguments to keep
     in the object store, which a restarted actor could find gone (ray issue 53727)."""
 
     class SpecRayWorker(RayWorker):
         def __init__(self) -> None:
-            super().__init__(spec_json)
+            super().__init__(spec_json, run_id)
 
     return SpecRayWorker

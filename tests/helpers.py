@@ -143,13 +143,17 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
     )
 
 
-def worker_pids() -> list[int]:
+def worker_pids(under: str | None = None) -> list[int]:
     """This test session's svd-batch workers: descendants of this process (its Ray cluster's
-    raylet started them), never those of another suite or job running on the same machine."""
+    raylet started them), never those of another suite or job running on the same machine.
+    `under`: only those of the child process whose command line has it (a head it started)."""
     import psutil
 
+    roots = [psutil.Process()]
+    if under is not None:
+        roots = [p for p in roots[0].children() if under in " ".join(p.cmdline())]
     found = []
-    for process in psutil.Process().children(recursive=True):
+    for process in (child for root in roots for child in root.children(recursive=True)):
         try:
             # Ray titles actor processes "ray::MapWorker(MapBatches(SpecRayWorker))..."
             if "RayWorker" in " ".join(process.cmdline()):

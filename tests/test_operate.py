@@ -22,6 +22,7 @@ import pytest
 from pydantic import ValidationError
 
 from svd_batch.driver import EXIT_STOPPED, Job, JobError, deadline_label, load_spec, next_deadline, parse_duration
+from svd_batch.metrics import STAGES
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
 from tests.helpers import (
@@ -30,9 +31,11 @@ from tests.helpers import (
     free_port,
     results,
     rows_and_images,
+    run_job,
     run_records,
     status_counts,
     wait_until,
+    worker_pids,
     write_job,
 )
 
@@ -184,12 +187,12 @@ def test_max_duration_stops_the_job(tmp_path: Path, tiny_model: Path, ray_cluste
 
 
 @contextlib.contextmanager
-def head(folder: Path, path: str) -> Iterator[str]:
+def head(folder: Path, path: str, metrics_port: int | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
     """A real Ray head with its job server, separate from the session's cluster; its jobs get
     `path` as PATH, as a head's jobs get the PATH it was started with."""
     from svd_batch import WORKER_ENV
 
-    port, dashboard = free_port(), free_port()
+    port, dashboard, metrics_port = free_port(), free_port(), metrics_port or free_port()
     # The session's cluster already holds Ray's fixed default agent ports (52365 ...): a second
     # head on the same machine that reuses them starts without a job agent.
     agent_ports = [
@@ -198,7 +201,6 @@ def head(folder: Path, path: str) -> Iterator[str]:
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",
             "runtime-env-agent-port",
-            "metrics-export-port",
             "ray-client-server-port",
         )
     ]
@@ -215,11 +217,12 @@ def head(folder: Path, path: str) -> Iterator[str]:
             "--include-dashboard=true",
             "--num-cpus=4",
             f"--temp-dir={folder}",
+            f"--metrics-export-port={metrics_port}",
             *agent_ports,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, **WORKER_ENV, "PATH": path},
+        env={**os.environ, **WORKER_ENV, "PATH": path, **(env or {})},
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -307,3 +310,84 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     wait_for(job_id, ray_head, {"RUNNING"})
     assert cli("stop", job_id, "--address", ray_head).returncode == 0
     assert wait_for(job_id, ray_head, {"STOPPED", "SUCCEEDED", "FAILED"}) == "STOPPED"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every svd-batch sample on a node's Prometheus endpoint, summed over its series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:  # not up yet
+        return {}
+    found: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_svd_batch_"):
+                found[sample.name] += sample.value
+    return dict(found)
+
+
+@pytest.mark.slow
+def test_a_jobs_metrics_are_on_the_heads_prometheus_endpoint_under_the_names_the_dashboard_uses(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> None:
+    board = json.loads((Path(__file__).parents[1] / "cluster" / "grafana" / "svd-batch.json").read_text())
+    queries = " ".join(t["expr"] for panel in board["panels"] for t in panel["targets"])
+    used = set(re.findall(r"ray_svd_batch_\w+", queries))
+    assert used == {
+        "ray_svd_batch_videos_total",
+        "ray_svd_batch_render_seconds_bucket",
+        "ray_svd_batch_device_busy_ratio",
+        "ray_svd_batch_rows_left",
+        "ray_svd_batch_eta_seconds",
+        "ray_svd_batch_worker_restarts_total",
+    }
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 10), tiny_model, defaults={**FAST, "num_inference_steps": 4})
+    port, folder = free_port(), tmp_path_factory.mktemp("rayhead")
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    # Ray exports every 10 s by default; a short job needs a closer look.
+    with head(folder, path, metrics_port=port, env={"RAY_metrics_report_interval_ms": "1000"}) as address:
+        done = cli("submit", str(spec), "--address", address)
+        assert done.returncode == 0, done.stderr[-2000:]
+        job_id = done.stdout.strip().split()[-1]
+        first = wait_until(lambda: (m := scrape(port)).get("ray_svd_batch_videos_total") and m, "a video counted")
+        (pid,) = wait_until(lambda: worker_pids(f"--temp-dir={folder}"), "the head's worker")
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it: a restart to count
+        later = wait_until(
+            lambda: (m := scrape(port)).keys() >= used and m["ray_svd_batch_videos_total"] > first[
+                "ray_svd_batch_videos_total"] and m, "every metric the dashboard uses, and more videos",
+        )  # fmt: skip
+        assert wait_for(job_id, address, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    assert later["ray_svd_batch_rows_left"] < first.get("ray_svd_batch_rows_left", 10)
+    assert later["ray_svd_batch_worker_restarts_total"] >= 1
+    assert later["ray_svd_batch_render_seconds_count"] > 0
+    assert 0 < later["ray_svd_batch_device_busy_ratio"] <= 1 and later["ray_svd_batch_eta_seconds"] >= 0
+
+
+def test_estimate_renders_a_sample_of_each_setting_and_lands_within_2x_of_the_run(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    rows = rows_and_images(tmp_path, 6)
+    for row in rows[3:]:
+        row["num_inference_steps"] = 4  # a second call setting, dearer per video
+    spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 2})
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat(timespec="minutes")
+    done = cli("estimate", str(spec), "--json", "--sample", "4", "--deadline", tomorrow)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout)
+    assert found["videos"] == 6 and [(s["videos"], s["sampled"]) for s in found["settings"]] == [(3, 2), (3, 2)]
+    assert found["device_hours"] == pytest.approx(found["seconds_per_video"] * 6 / 3600)
+    assert found["meets_deadline"] is True and found["devices_needed"] == 1 and found["wall_hours"] > 0
+
+    assert run_job(spec) == Counter(ok=6)
+    df = results(spec)
+    measured = df[[f"{stage}_s" for stage in STAGES]].sum(axis=1).mean()  # a device's seconds per video
+    assert 0.5 <= found["seconds_per_video"] / measured <= 2, (found["seconds_per_video"], measured)
+
+    rows.append({"id": "more", "image": "img/0.png", "num_inference_steps": 4})
+    write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 2})
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat(timespec="seconds")
+    said = cli("estimate", str(spec), "--deadline", soon).stdout  # only the row the run left
+    assert "1 videos left in 1 setting(s); 1 rendered on one worker" in said
+    assert "missed (no device count meets it)" in said, said

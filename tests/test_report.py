@@ -106,7 +106,7 @@ def test_report_has_counts_failures_timings_scores_and_posters(rendered: Path) -
     assert "Contact sheet (2 of 2)" in text and {"r0 #0", "r1 #0"} <= set(page.text)
     videos = [link for link in page.links if link.endswith(".mp4")]
     assert len(set(videos)) == 3 and all(local_path(link).stat().st_size > 0 for link in videos)
-    assert len(page.images) == 3 + 3 + 2  # a poster frame per card, inline, each a real picture
+    assert len(page.images) == 2 * (3 + 3 + 2)  # the input beside a poster frame per card, inline, real pictures
     for src in page.images:
         assert src.startswith("data:image/jpeg;base64,")  # self-contained: nothing fetched from elsewhere
         poster = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
@@ -154,3 +154,21 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
     assert pixels.std() > 10  # text, plots and posters, not a blank page
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []
+
+    # What the browser built of it: a point per minute of the run, a lane per worker, a group per failure class.
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom",
+         target],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    df = pd.read_parquet(rendered / "metadata")
+    night = df[df.run_id == df.run_id.max()].dropna(subset=["worker"])
+    minutes = night.ended_at.dt.floor("min")
+    assert dom.count('class="minute"') == (minutes.max() - minutes.min()) // pd.Timedelta(minutes=1) + 1
+    assert re.findall(r'class="lane" data-worker="([^"]+)"', dom) == sorted(night.worker.unique())
+    failed = df[df.status == "failed"]
+    groups = failed.groupby(["error_stage", "error_type"]).size()
+    assert dom.count('class="failure"') == len(groups)
+    for (stage, kind), n in groups.items():
+        assert f"{stage}: {kind}: {n} rows" in dom and "svd-batch run JOB.yaml --retry-failed" in dom
+    assert dom.count('class="input"') == dom.count('class="video"') == 3 + 3 + 2

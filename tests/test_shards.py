@@ -1,0 +1,165 @@
+"""WebDataset shards: read back by `webdataset` and Ray Data, committed whole, never a sample twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from svd_batch.driver import Job, load_spec
+from svd_batch.metadata import MetadataWriter, rows_to_table
+from svd_batch.schema import ResultRow
+from svd_batch.shards import OpenShard, member_name, reconcile
+from svd_batch.storage import open_storage
+from tests.helpers import results, rows_and_images, run_job, wait_until, worker_pids, write_job
+
+MEMBERS = ["input.jpg", "json", "mp4", "poster.jpg"]
+NEVER = 1e9  # a motion no clip has
+
+
+def names(tar: Path) -> list[str]:
+    with tarfile.open(tar) as opened:
+        return opened.getnames()
+
+
+def tars(spec: Path) -> dict[str, list[str]]:
+    """Each committed shard's member file names, by URI."""
+    return {p.as_uri(): names(p) for p in sorted((Path(load_spec(spec).output) / "shards").glob("*.tar"))}
+
+
+def samples(names: list[str]) -> Counter[str]:
+    return Counter(name.split(".", 1)[0] for name in names)
+
+
+def row(key: str, **fields: object) -> ResultRow:
+    return ResultRow(job="t", run_id="r1", id=key, video_index=0, key=f"videos/{key}", status="ok", image="x", **fields)
+
+
+def test_member_names_have_no_dot_so_readers_group_a_samples_files() -> None:
+    assert member_name("videos/cat.v2_01-ab12cd34ef56ab78-v0") == "cat_v2_01-ab12cd34ef56ab78-v0"
+
+
+def test_a_shard_is_in_storage_only_once_committed_and_its_rows_name_it_then(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path / "out"))
+    shard = OpenShard(storage, "run1", size=2)
+    first, second = row("a.1"), row("b")
+    shard.add(first, {"mp4": b"m", "json": b"{}"})
+    assert not shard.full and not (tmp_path / "out" / "shards").exists() and first.shard_uri is None
+    shard.add(second, {"mp4": b"n", "json": b"{}"})
+    assert shard.full
+    assert shard.commit() == [first, second]
+    (tar,) = (tmp_path / "out" / "shards").glob("*.tar")
+    assert first.shard_uri == second.shard_uri == tar.as_uri() and first.shard_member == "a_1"
+    assert names(tar) == ["a_1.mp4", "a_1.json", "b.mp4", "b.json"]
+    assert shard.rows == [] and shard.commit() == []  # the next shard is empty: nothing to commit
+    shard.add(row("c"), {"mp4": b"o"})
+    assert shard.commit()[0].shard_uri != tar.as_uri()  # a new name: a committed shard is never written over
+
+
+def test_reconcile_deletes_shards_no_row_names_and_indexes_the_rest(tmp_path: Path) -> None:
+    output, meta = open_storage(str(tmp_path / "out")), open_storage(str(tmp_path / "out" / "metadata"))
+    named, orphan = OpenShard(output, "run1", 9), OpenShard(output, "run2", 9)
+    rows = [row("a"), row("b")]
+    for r in rows:
+        named.add(r, {"mp4": b"m"})
+    named.commit()
+    orphan.add(row("c"), {"mp4": b"m"})  # committed, but its run died before its row was
+    orphan.commit()
+    writer = MetadataWriter(meta, "run1")
+    writer.add(rows_to_table(rows))
+    writer.close()
+    assert reconcile(output, meta) == 1
+    assert [p.as_uri() for p in (tmp_path / "out" / "shards").glob("*.tar")] == [rows[0].shard_uri]
+    index = pq.read_table(tmp_path / "out" / "shards" / "index.parquet").to_pylist()
+    assert [(i["shard"], i["member"], i["key"]) for i in index] == [(r.shard_uri, r.shard_member, r.key) for r in rows]
+
+
+def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    import ray
+    import webdataset as wds
+
+    rows = rows_and_images(tmp_path, 6)
+    for r in rows[:2]:  # these two miss their gate on every seed: rejected, not in a shard
+        r["quality"] = {"min_motion": NEVER}
+    rows[2]["caption"] = "a caption"
+    spec = write_job(
+        tmp_path, rows, tiny_model, formats=[], shards={"size": 2}, quality={"max_tries": 2},
+        workers={"count": 2, "batch_size": 1},
+    )  # fmt: skip
+    assert run_job(spec) == Counter(ok=4, rejected=2)
+    df = results(spec)
+    assert (df.tries <= 2).all() and df[df.status == "rejected"].shard_uri.isna().all()
+    ok = df[df.status == "ok"].set_index("shard_member")
+    shards = tars(spec)
+    assert all(len(samples(names)) <= 2 and set(samples(names).values()) == {4} for names in shards.values())
+    members = [m for names in shards.values() for m in samples(names)]
+    assert sorted(members) == sorted(ok.index)  # every ok clip once, in the shard its row names
+    assert all(name in samples(shards[ok.shard_uri[name]]) for name in ok.index)
+    assert not (Path(load_spec(spec).output) / "videos").exists()  # shards instead of loose files
+
+    read = list(wds.WebDataset(list(shards), shardshuffle=False))
+    assert sorted(s["__key__"] for s in read) == sorted(ok.index)
+    assert all(sorted(k for k in s if not k.startswith("__")) == MEMBERS for s in read)
+    for sample in read:
+        meta = json.loads(sample["json"])
+        expected = ok.loc[sample["__key__"]]
+        assert meta["seed"] == expected.seed and meta["scores"]["motion"] == pytest.approx(expected.score_motion)
+        assert meta["caption"] == expected.caption and meta["params"]["num_frames"] == 4
+        assert sample["mp4"][4:8] == b"ftyp" and sample["poster.jpg"][:2] == b"\xff\xd8"
+    assert ray.data.read_webdataset(list(shards)).count() == len(ok)
+    index = pd.read_parquet(Path(load_spec(spec).output) / "shards" / "index.parquet")
+    assert sorted(zip(index["shard"], index["member"], strict=True)) == sorted(zip(ok.shard_uri, ok.index, strict=True))
+
+    assert run_job(spec) == Counter(skipped=6)  # ok in a shard, or rejected: done
+    assert tars(spec) == shards
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_an_open_shard_loses_only_its_rows_and_no_sample_is_in_two_shards(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    rows = rows_and_images(tmp_path, 7)
+    spec = write_job(tmp_path, rows, tiny_model, formats=[], shards={"size": 3}, workers={"count": 1, "batch_size": 1})
+    job = Job(load_spec(spec))
+    outcome: list[Counter[str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(job.run()))
+    thread.start()
+
+    def open_shard() -> Path | None:
+        """The worker's open shard, once it holds two samples: the first from a call that returned."""
+        for path in Path(tempfile.gettempdir()).glob(f"svd-batch-shard-*/{job.run_id}-*.tar"):
+            try:
+                if len(samples(names(path))) >= 2:
+                    return path
+            except (OSError, tarfile.TarError):  # caught mid-write
+                continue
+        return None
+
+    killed = wait_until(open_shard, "an open shard with two samples", timeout=600)
+    (pid,) = wait_until(worker_pids, "the worker process")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    (counts,) = outcome
+    df = results(spec)
+    lost = df[df.status == "failed"]
+    assert counts["ok"] + counts["failed"] == 7 and len(lost) == counts["failed"] >= 1
+    assert lost.retryable.all() and lost.error.str.contains("open shards of workers that died").all()
+    shards = tars(spec)
+    assert killed.name not in {Path(uri).name for uri in shards}  # the dead worker's open shard: never committed
+    members = [m for names in shards.values() for m in samples(names)]
+    assert sorted(members) == sorted(df[df.status == "ok"].shard_member)  # no half shard, no sample twice
+
+    assert run_job(spec) == Counter(ok=counts["failed"], skipped=counts["ok"])  # the lost rows, rendered again
+    members = [m for names in tars(spec).values() for m in samples(names)]
+    assert len(members) == len(set(members)) == 7
