@@ -47,5 +47,5 @@ def post(url: str, summary: dict[str, Any], backoff_s: float = 1.0) -> bool:
                 break
         except (urllib.error.URLError, OSError) as exc:
             problem = type(exc).__name__ + (f" ({exc.reason})" if isinstance(exc, urllib.error.URLError) else "")
-    log.warning("notify: %s did not take the run's summary: %s", redact(url), problem.replace(url, redact(url)))
+    log.warning("notify: %s did not take the run's summary: %s", redact(url), problem)
     return False

@@ -157,7 +157,8 @@ class _ManifestCore(Strict):
     # Carried as they are into the metadata row. Neither shapes the video, so neither is in
     # its key: a changed caption does not render a row again.
     caption: str | None = None
-    passthrough: dict[str, JsonValue] = Field(default_factory=dict)  # the spec's columns (manifest.validate)
+    # The spec's columns (manifest.validate fills it): not a column of its own.
+    passthrough: dict[str, JsonValue] = Field(default_factory=dict, json_schema_extra={"column": False})
 
     @field_validator("id")
     @classmethod
@@ -548,8 +549,9 @@ WORK_SCHEMA = arrow_schema(WorkItem)
 
 
 def did_you_mean(name: str, model: type[BaseModel]) -> str:
-    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(model.model_fields)}"
+    fields = [n for n, f in model.model_fields.items() if f.json_schema_extra != {"column": False}]
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(fields)}"
 
 
 def explain(error: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
