@@ -42,7 +42,8 @@ def test_a_report_after_three_reruns_shows_every_video_and_the_run_history(
     assert len({r.model_fingerprint for r in records}) == 1 and records[0].versions["ray"]
     page = build(load_spec(spec).metadata_uri)
     _, sheet = page.split("<h2>Contact sheet (3 of 3)</h2>")  # after the best and worst clips by motion
-    assert sheet.count("<img src='data:image/jpeg") == 3  # one poster per video
+    # One poster per video, each beside its input.
+    assert sheet.count("<img class='video' src='data:image/jpeg") == sheet.count("<img class='input' src=") == 3
     assert all(r.run_id in page for r in records)  # the run history, one line per run
     gone = Path(latest_results(spec).mp4_uri.iloc[0].removeprefix("file://"))
     gone.unlink()  # a video deleted from storage: done in the ledger, but not made any more
