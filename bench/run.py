@@ -191,7 +191,8 @@ def peak_bytes():
 """
 
 PLAN_SCRIPT = (
-    PEAK
+    "import time\nbegun = time.perf_counter()  # the process's start: imports and Ray's local start count\n"
+    + PEAK
     + """
 import json, subprocess, sys, time
 import svd_batch
@@ -205,7 +206,7 @@ sampler = subprocess.Popen([sys.executable, "-c", sys.argv[3], context.address_i
 
 def seen(counts, total):
     if counts.get("ok") and not first:
-        first.append(time.perf_counter() - start)
+        first += [time.perf_counter() - start, time.perf_counter() - begun]
         job.drain("bench: first video")
 
 # plan: stopped before it starts, so the run only plans (and counts what it leaves).
@@ -216,7 +217,8 @@ counts = job.run()
 seconds = time.perf_counter() - start
 sampler.terminate()
 peaks = sampler.communicate()[0].split()
-print(json.dumps({"seconds": seconds, "first_video_s": first[0] if first else None, "counts": dict(counts),
+print(json.dumps({"seconds": seconds, "first_video_s": first[0] if first else None,
+                  "first_video_cold_s": first[1] if first else None, "counts": dict(counts),
                   "peak_rss_mb": peak_bytes() / 2**20,
                   "object_store_peak_mib": float(peaks[-1]) if peaks else 0.0}))
 """
@@ -546,8 +548,10 @@ def _planning_rows(r: dict[str, Any]) -> list[str]:
         f"{pp['seconds']:.1f} s; {pp['peak_rss_mb']:.0f} MiB; {pp['object_store_peak_mib']:.0f} MiB | |",
         f"| 5 planning 100k rows, 99k done: seconds; driver peak RSS; object store peak | {p1['seconds']:.1f} s; "
         f"{p1['peak_rss_mb']:.0f} MiB; {p1['object_store_peak_mib']:.0f} MiB | RSS flat |",
-        f"| 5 fresh manifest: seconds from `run` to the first committed video, 1M rows; 1k rows | "
-        f"**{f1['first_video_s']:.1f} s**; {r['first_1k']['first_video_s']:.1f} s | < 30 s |",
+        f"| 5 fresh manifest: seconds from `run` to the first committed video, 1M rows; 1k rows "
+        f"(from the process's start, with Ray's local start: 1M; 1k) | **{f1['first_video_s']:.1f} s**; "
+        f"{r['first_1k']['first_video_s']:.1f} s ({f1['first_video_cold_s']:.1f} s; "
+        f"{r['first_1k']['first_video_cold_s']:.1f} s) | < 30 s |",
         f"| 5 rerun of a finished 1M-row job: metadata written; rendered | "
         f"**{r1['bytes_written'] / 1e6:.3f} MB**; {r1['counts'].get('ok', 0)} | < 1 MB; 0 |",
     ]

@@ -71,7 +71,9 @@ def render(spec: JobSpec, run_id: str, planned: Any, worker_memory: int) -> Iter
         # row that kills its worker every time fails alone after workers.max_attempts.
     )
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        # No prefetch: Ray Data's prefetcher waits for the next block before it hands on the
+        # current one, so each batch of results would reach the ledger a batch late.
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     except ExecutionTimeoutError:
         wanted = {"CPU": workers.cpus_per_worker, **resources}
         raise Stalled(

@@ -6,10 +6,12 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
-from helpers import FAST, make_image, status_counts, wait_until
+from helpers import FAST, make_image, status_counts, wait_until, write_job
 
 from svd_batch.driver import EXIT_STOPPED, load_spec
 from svd_batch.ledger import KeySet, Progress
@@ -157,3 +159,45 @@ def test_a_long_manifest_renders_while_it_is_planned_and_a_limit_leaves_the_rest
     counts = status_counts(spec)
     assert counts["ok"] >= 1 and counts["ok"] + counts["left"] == rows and set(counts) == {"ok", "left"}
     assert json.loads(status.read_text())["total"] == rows
+
+
+def test_a_batch_reaches_the_driver_when_its_call_ends_not_when_the_next_one_does(
+    tmp_path: Path, tiny_model: Path, ray_cluster: object
+) -> None:
+    """Ray Data's prefetcher hands on a block only once the next one is ready: the results of
+    one call would wait for the next call (a whole batch late to the ledger, and to the first
+    video). The second batch here is held until the first one's rows have come back."""
+    import ray
+
+    from svd_batch.render import render, start_control
+
+    spec_path = write_job(tmp_path, [{"id": f"r{n}", "image": "cat.png"} for n in range(2)], tiny_model,
+                          workers={"count": 1, "batch_size": 1})  # fmt: skip
+    make_image(tmp_path / "cat.png")
+    spec = load_spec(spec_path)
+    control = start_control("hold", draining=False)
+    pieces, context = prepare(spec, "hold", "w")
+    tables = list(plan_dataset(spec, pieces, context).iter_batches(batch_size=None, batch_format="pyarrow"))
+    items = ray.data.from_arrow([pa.concat_tables(tables).slice(n, 1) for n in range(2)])
+    flag, gave_up = tmp_path / "flag", tmp_path / "gave-up"
+
+    def hold_second(batch: pa.Table) -> pa.Table:  # defined here: Ray pickles it by value
+        """Holds the block of row r1 until the test has seen r0's result (or 300 s have passed)."""
+        if "r1" in batch.column("id").to_pylist():
+            deadline = time.monotonic() + 300
+            while not flag.exists():
+                if time.monotonic() > deadline:
+                    gave_up.touch()
+                    break
+                time.sleep(0.1)
+        return batch
+
+    held = items.map_batches(hold_second, batch_format="pyarrow")
+    seen = []
+    for batch in render(spec, "hold", held, worker_memory=0):
+        seen += zip(batch.column("id").to_pylist(), batch.column("status").to_pylist(), strict=True)
+        if not flag.exists():
+            assert not gave_up.exists(), "the first call's rows came back only after the second call"
+            flag.touch()
+    ray.kill(control)
+    assert sorted(seen) == [("r0", "ok"), ("r1", "ok")]
