@@ -206,7 +206,7 @@ sampler = subprocess.Popen([sys.executable, "-c", sys.argv[3], context.address_i
 
 def seen(counts, total):
     if counts.get("ok") and not first:
-        first += [time.perf_counter() - start, time.perf_counter() - begun]
+        first.extend([time.perf_counter() - start, time.perf_counter() - begun])
         job.drain("bench: first video")
 
 # plan: stopped before it starts, so the run only plans (and counts what it leaves).

@@ -463,7 +463,7 @@ class Job:
         """Hand rows to the metadata writer, and count them and their failure classes."""
         table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
         self.writer.add(table)
-        statuses = table.column("status").to_pylist()
+        statuses = Counter(table.column("status").to_pylist())
         self.counts.update(statuses)
         if self.metrics is not None:
             self.metrics.ended(statuses)

@@ -10,7 +10,7 @@ and gives a counter the `_total` suffix: `svd_batch_videos` is scraped as
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from svd_batch.schema import ResultRow
@@ -35,9 +35,10 @@ class DriverMetrics:
         self.eta = Gauge("svd_batch_eta_seconds", "When the run ends at its rate of the last minutes.", ("job",))
         self.eta.set_default_tags(tags)
 
-    def ended(self, statuses: Iterable[str]) -> None:
-        for status in statuses:
-            self.videos.inc(1, tags={"status": status})
+    def ended(self, statuses: Mapping[str, int]) -> None:
+        """`statuses`: how many videos ended with each."""
+        for status, count in statuses.items():
+            self.videos.inc(count, tags={"status": status})
 
     def progress(self, left: int, eta_s: float | None) -> None:
         self.left.set(left)

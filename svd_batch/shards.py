@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -36,6 +38,8 @@ from svd_batch.storage import Storage
 PREFIX = "shards"
 INDEX = f"{PREFIX}/index.parquet"
 INDEX_COLUMNS = ["shard_uri", "shard_member", "key", "id", "video_index"]
+# A worker's local folder for its open shard: `<LOCAL><pid>-<random>` in the temp dir.
+LOCAL = "svd-batch-shard-"
 
 
 def member_name(key: str) -> str:
@@ -80,7 +84,8 @@ class OpenShard:
     def __init__(self, storage: Storage, run_id: str, size: int) -> None:
         self.storage, self.size = storage, size
         self.name = f"{run_id}-{uuid.uuid4().hex[:8]}"
-        self.local = Path(tempfile.mkdtemp(prefix="svd-batch-shard-"))
+        _remove_dead(Path(tempfile.gettempdir()))
+        self.local = Path(tempfile.mkdtemp(prefix=f"{LOCAL}{os.getpid()}-"))
         self.number = 0
         self.rows: list[ResultRow] = []  # in the open shard: named by no metadata row yet
         self._tar: tarfile.TarFile | None = None
@@ -122,6 +127,28 @@ class OpenShard:
         for row in rows:
             row.shard_uri = uri
         return rows
+
+    def remove(self) -> None:
+        """The worker is ending and its last shard is committed: its local folder goes."""
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def _remove_dead(temp: Path) -> None:
+    """The local folders of workers that were killed: their open shards are lost anyway."""
+    for folder in temp.glob(f"{LOCAL}*"):
+        pid = folder.name.removeprefix(LOCAL).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def reconcile(output: Storage, meta: Storage) -> int:

@@ -112,6 +112,8 @@ class RowWorker:
         """Commit the open shard: the worker is ending. `settle` hands over its rows."""
         if self.shard is not None:
             self._commit_shard()
+            self.shard.remove()
+            self.shard = None
 
     def _consistency(self, rendered: list[tuple[_Prepared, RenderedVideo]]) -> list[float | Exception]:
         """Each video's consistency score, from one call of the image encoder for them all."""

@@ -143,7 +143,7 @@ def test_a_long_manifest_renders_while_it_is_planned_and_a_limit_leaves_the_rest
     )
     address = ray_cluster.get_runtime_context().gcs_address  # type: ignore[attr-defined]
     proc = subprocess.Popen(
-        # Long enough for a first video on a slow machine (35 s on an idle one): once stopped,
+        # Long enough for a first video on a slow machine (21–35 s on an idle one): once stopped,
         # planning counts the rest at once, and a video after the stop proves nothing.
         [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address, "--max-duration", "100s"],
         stdout=subprocess.PIPE,

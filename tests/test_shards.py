@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -63,6 +64,25 @@ def test_a_shard_is_in_storage_only_once_committed_and_its_rows_name_it_then(tmp
     assert shard.rows == [] and shard.commit() == []  # the next shard is empty: nothing to commit
     shard.add(row("c"), {"mp4": b"o"})
     assert shard.commit()[0].shard_uri != tar.as_uri()  # a new name: a committed shard is never written over
+
+
+def test_the_local_folder_of_a_killed_worker_goes_with_the_next_shard_and_an_ending_workers_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = tmp_path / f"svd-batch-shard-{dead.pid}-abc"
+    killed.mkdir()
+    (killed / "run0-1234abcd-00000.tar").write_bytes(b"half a shard")
+    running = tmp_path / f"svd-batch-shard-{os.getpid()}-def"
+    running.mkdir()
+    shard = OpenShard(open_storage(str(tmp_path / "out")), "run1", size=2)
+    assert not killed.exists() and running.is_dir() and shard.local.parent == tmp_path
+    shard.add(row("a"), {"mp4": b"m"})
+    shard.commit()
+    shard.remove()
+    assert not shard.local.exists() and running.is_dir()
 
 
 def test_reconcile_deletes_shards_no_row_names_and_indexes_the_rest(tmp_path: Path) -> None:
@@ -163,3 +183,4 @@ def test_a_worker_killed_with_an_open_shard_loses_only_its_rows_and_no_sample_is
     assert run_job(spec) == Counter(ok=counts["failed"], skipped=counts["ok"])  # the lost rows, rendered again
     members = [m for names in tars(spec).values() for m in samples(names)]
     assert len(members) == len(set(members)) == 7
+    assert not killed.parent.exists()  # the dead worker's local tar: removed by the next worker's first shard
