@@ -201,11 +201,14 @@ def close_lost(runs: Storage, holder: LeaseRecord) -> None:
 
 def _gone(holder: LeaseRecord) -> bool:
     """The holder ran on this host and its process has ended (a killed driver): no need to wait
-    out its TTL. A reused pid only makes this say "alive", the safe side."""
-    if holder.host != socket.gethostname():
-        return False
+    out its TTL."""
+    return holder.host == socket.gethostname() and pid_gone(holder.pid)
+
+
+def pid_gone(pid: int) -> bool:
+    """No process on this host has the pid. A reused pid only makes this say "alive", the safe side."""
     try:
-        os.kill(holder.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from svd_batch.ledger import latest
+from svd_batch.ledger import latest, pid_gone
 from svd_batch.metadata import read_table
 from svd_batch.schema import ClipScores, ResultRow, Status
 from svd_batch.storage import Storage
@@ -137,18 +137,8 @@ def _remove_dead(temp: Path) -> None:
     """The local folders of workers that were killed: their open shards are lost anyway."""
     for folder in temp.glob(f"{LOCAL}*"):
         pid = folder.name.removeprefix(LOCAL).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and pid_gone(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def reconcile(output: Storage, meta: Storage) -> int:
