@@ -169,6 +169,12 @@ def validate_command(
     out.print(f"{job}: spec and manifest are valid")
 
 
+SIMULATE = typer.Option(
+    min=0.001,
+    help="Simulated devices in place of the pipeline, SECONDS per video (one per worker, on this machine): "
+    "the real planning, scores, encode, upload, shards and ledger, at the job's real sizes. Writes under "
+    "OUTPUT/simulated/.",
+)
 DEADLINE_HELP = (
     "Stop taking rows at HH:MM (next occurrence, the driver's local time), HH:MM@Area/City (that zone's "
     "clock, e.g. 06:30@Europe/Berlin), or an ISO time with its offset."
@@ -183,10 +189,20 @@ def estimate(
     sample: Annotated[
         int | None, typer.Option(min=1, help="Rows to render; default: one per distinct call setting.")
     ] = None,
+    cpus_per_device: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="CPU cores beside each device on the cluster (a node's cores over its devices, e.g. 192 / 8 = 24); "
+            "default: this machine's cores over --devices.",
+        ),
+    ] = None,
+    simulate: Annotated[float | None, SIMULATE] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
     """Render a few of the rows left, on one in-process worker, and say what the whole job will take."""
     import json
+    import os
 
     from svd_batch.driver import EXIT_CANNOT_START, JobError, load_spec, next_deadline
     from svd_batch.engine.loader import ModelError
@@ -196,9 +212,10 @@ def estimate(
     from svd_batch.storage import StorageError
 
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, simulate)
         until = next_deadline(deadline) if deadline else None
-        found = measure(spec, devices or spec.workers.count, sample, until)
+        count = devices or spec.workers.count
+        found = measure(spec, count, sample, until, cpus_per_device or (os.cpu_count() or 1) / count)
     except (JobError, ValueError, ModelError, ManifestError, StorageError) as exc:
         raise fail(str(exc), EXIT_CANNOT_START) from None
     if as_json:
@@ -212,13 +229,28 @@ def estimate(
     )
     for s in found["settings"]:
         per = f"{s['seconds_per_video']:.2f} s/video" if s["seconds_per_video"] is not None else "not measured"
+        if s["sampled"]:
+            per += (
+                f" (device {s['device_s_per_video']:.2f} s, CPU {s['cpu_s_per_video']:.2f} s: "
+                f"{s['cores_per_device']:.2f} cores per device)"
+            )
         out.print(f"  {s['setting']}: {s['videos']:,} videos, {per}", highlight=False)
+    needed, have = found["cores_per_device"], found["cpus_per_device"]
+    out.print(f"CPU beside each device: {needed:.2f} cores needed, {have:.2f} available", highlight=False)
+    if needed > have:
+        err.print(
+            f"[bold yellow]warning:[/] each device needs {needed:.2f} CPU cores for its scores, encode and upload, "
+            f"and has {have:.2f}: the devices will wait for the CPU (the times above count it). Give each node more "
+            "cores per device, or fewer devices",
+            highlight=False,
+            soft_wrap=True,
+        )
     verdict = f"device-hours {found['device_hours']:.2f}; wall-clock at {found['devices']} device(s) "
     verdict += duration(found["wall_hours"] * 3600)
     if until is not None:
-        needed = found["devices_needed"]
+        needed_devices = found["devices_needed"]
         verdict += f"; deadline {until:%Y-%m-%d %H:%M %Z}: " + ("met" if found["meets_deadline"] else "missed")
-        verdict += f" ({needed} device(s) would meet it)" if needed else " (no device count meets it)"
+        verdict += f" ({needed_devices} device(s) would meet it)" if needed_devices else " (no device count meets it)"
     out.print(verdict, highlight=False)
 
 
@@ -247,6 +279,7 @@ def run(
             "failed), not 3: rows left are the next run's. `submit` sets it, so such a Ray job SUCCEEDS."
         ),
     ] = False,
+    simulate: Annotated[float | None, SIMULATE] = None,
 ) -> None:
     """Run a job on Ray: render every row not done yet (all its formats committed ok).
 
@@ -260,7 +293,7 @@ def run(
     from svd_batch.eta import progress_line
 
     try:
-        spec = load_spec(job)
+        spec = load_spec(job, simulate)
         until = next_deadline(deadline) if deadline else None
         limit = parse_duration(max_duration) if max_duration else None
     except (JobError, ValueError) as exc:

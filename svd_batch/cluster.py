@@ -60,13 +60,15 @@ def _wait_for_answer(host_port: str, timeout: float = CONNECT_TIMEOUT_S) -> None
         time.sleep(1.0)
 
 
-def connect(address: str | None, **init: Any) -> None:
+def connect(address: str | None, local_resources: dict[str, float] | None = None, **init: Any) -> None:
+    """`local_resources`: custom resources a private local cluster declares (a running
+    cluster's are its own)."""
     import ray
 
     if ray.is_initialized():  # an embedding program (or a test) chose its cluster already
         return
     resolved = resolve(address)
-    local = {"include_dashboard": False} if resolved == "local" else {}
+    local = {"include_dashboard": False, "resources": local_resources or None} if resolved == "local" else {}
     # Ray's notes on starting and connecting (token auth on, "Started a local Ray instance") are
     # not the user's business on every run; errors still show.
     ray.init(address=resolved, logging_level=logging.ERROR, **local, **init)

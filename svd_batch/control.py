@@ -5,14 +5,17 @@ and take the run with it). It holds
 - the drain flag: set by the driver, read by workers before each batch and by plan tasks;
 - what planning counted so far (planning.py): the driver's totals, without a row in it, and
   how far planning is ahead of the rows the driver got back, which planning keeps bounded;
-- the rows each worker is rendering: a worker that starts a call while its previous call is
-  still open must have been restarted, so the rows of that call were in flight when it died.
-  Their deaths are counted per row, which is how a row that kills its worker every time is
-  found and isolated (see RayWorker), and how `attempt` is the true attempt number;
+- the rows each worker is rendering, per call slot (a worker runs two calls at once, see
+  RayWorker): a worker that starts a call from a new process must have been restarted, so the
+  rows of its calls still open were in flight when it died (and so were those of a slot that
+  starts again without having ended). Their deaths are counted per row, which is how a row
+  that kills its worker every time is found and isolated, and how `attempt` is the true
+  attempt number;
 - rows that outlived `workers.row_timeout_s`, and the results of rows finished while a
   worker re-renders a troubled batch one row at a time, so a later death loses none of them;
 - with shards, the rows each worker holds in its open shard, and the rows of the shards it
-  committed, until the driver takes them (a worker's last shard is committed after the stream).
+  committed, until the driver takes them (a worker's last shard is committed after the stream);
+- each worker process's device figures (device.py), for the run record.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ class History:
 @dataclass
 class JobControl:
     draining: bool = False
-    open_calls: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # worker -> (pid, keys)
+    # (worker, slot) -> (pid, keys)
+    open_calls: dict[tuple[str, int], tuple[int, list[str]]] = field(default_factory=dict)
     history: dict[str, History] = field(default_factory=dict)
     plan: Counter[str] = field(default_factory=Counter)  # videos, skipped, left, handed (on to workers)
     returned: int = 0  # rows the driver got back from the workers (or that wait in a worker's open shard)
     holding: dict[str, int] = field(default_factory=dict)  # worker -> rows in its open shard
     committed: list[dict[str, Any]] = field(default_factory=list)  # rows of committed shards, for the driver
     lost_in_shards: int = 0
+    devices: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # (worker, pid) -> figures
 
     @staticmethod
     def name(run_id: str) -> str:
@@ -83,35 +88,51 @@ class JobControl:
     def plan_counts(self) -> dict[str, int]:
         return dict(self.plan)
 
-    def begin(self, worker: str, pid: int, keys: list[str], alone: bool = False) -> tuple[bool, dict[str, History]]:
-        """A worker starts a call on `keys`: (draining?, the history of the batch's rows).
+    def begin(
+        self, worker: str, pid: int, keys: list[str], alone: bool = False, slot: int = 0
+    ) -> tuple[bool, dict[str, History]]:
+        """A worker starts a call on `keys` in one of its slots: (draining?, the history of the
+        batch's rows).
 
         A batch with history is not rendered whole but one row per call (each `alone`), so
         only those calls are open: a death before the first of them renders nothing, and
         counting it would charge every batch-mate with a death that was not theirs.
         """
-        self._count_deaths(worker)
+        self._count_deaths(worker, pid, slot)
         history = {k: self.history[k] for k in keys if k in self.history}
         if not self.draining and (alone or not history):
-            self.open_calls[worker] = (pid, keys)
+            self.open_calls[(worker, slot)] = (pid, keys)
         return self.draining, history
 
-    def _count_deaths(self, worker: str) -> None:
-        _, keys = self.open_calls.pop(worker, (0, []))
-        for key in keys:
-            self.history.setdefault(key, History()).deaths += 1
+    def _count_deaths(self, worker: str, pid: int, slot: int) -> None:
+        dead = [
+            call
+            for call, (opened_by, _) in self.open_calls.items()
+            if call[0] == worker and (opened_by != pid or call[1] == slot)
+        ]
+        for call in dead:
+            for key in self.open_calls.pop(call)[1]:
+                self.history.setdefault(key, History()).deaths += 1
 
-    def end(self, worker: str, results: dict[str, dict[str, Any]] | None = None) -> None:
+    def end(self, worker: str, results: dict[str, dict[str, Any]] | None = None, slot: int = 0) -> None:
         """The call returned (or raised); `results` are kept for rows of a troubled batch."""
-        self.open_calls.pop(worker, None)
+        self.open_calls.pop((worker, slot), None)
         for key, row in (results or {}).items():
             self.history.setdefault(key, History()).row = row
 
-    def timed_out(self, worker: str) -> None:
+    def timed_out(self, worker: str, slot: int = 0) -> None:
         """The worker's one-row call outlived the row timeout; the worker ends itself next."""
-        _, keys = self.open_calls.pop(worker, (0, []))
+        _, keys = self.open_calls.pop((worker, slot), (0, []))
         for key in keys:
             self.history.setdefault(key, History()).timed_out = True
 
-    def in_flight(self) -> dict[str, tuple[int, list[str]]]:
-        return dict(self.open_calls)
+    def in_flight(self) -> list[tuple[int, list[str]]]:
+        """(pid, keys) of every open call."""
+        return list(self.open_calls.values())
+
+    def device(self, worker: str, pid: int, figures: dict[str, float]) -> None:
+        """A worker process's device figures so far (device.py): the last report stands."""
+        self.devices[(worker, pid)] = figures
+
+    def device_figures(self) -> list[dict[str, float]]:
+        return list(self.devices.values())

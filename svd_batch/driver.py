@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from svd_batch import WORKER_ENV
 from svd_batch.cluster import ClusterError, connect
+from svd_batch.engine import simulated
 from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint, worker_memory
 from svd_batch.errors import first_line
 from svd_batch.eta import Throughput
@@ -53,6 +54,7 @@ EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
 log = logging.getLogger(__name__)
 # How long the driver waits, after the stream, for the workers to commit their last shards.
 LAST_SHARD_TIMEOUT_S = 300.0
+CPU_STAGES = ("score", "encode", "upload")  # a made video's CPU work beside its device (device.py)
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
 
@@ -60,8 +62,9 @@ class JobError(RuntimeError):
     """The job cannot start; the message is the one line the user sees."""
 
 
-def load_spec(path: Path) -> JobSpec:
-    """Safe YAML, strict pydantic; relative paths resolve against the spec's own folder."""
+def load_spec(path: Path, simulate: float | None = None) -> JobSpec:
+    """Safe YAML, strict pydantic; relative paths resolve against the spec's own folder.
+    `simulate`: seconds per video of a simulated device (the spec's own `simulate` otherwise)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -70,6 +73,8 @@ def load_spec(path: Path) -> JobSpec:
         raise JobError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise JobError(f"{path}: a job spec is a mapping with name, manifest, output, model, ...")
+    if simulate is not None:
+        raw["simulate"] = simulate
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
@@ -100,7 +105,8 @@ def load_spec(path: Path) -> JobSpec:
     if spec.inputs.allow:
         allow = [anchor("inputs.allow", root) for root in spec.inputs.allow]
         update["inputs"] = spec.inputs.model_copy(update={"allow": allow})
-    return spec.model_copy(update=update)
+    spec = spec.model_copy(update=update)
+    return spec if spec.simulate is None else spec.simulated(spec.simulate)
 
 
 def next_deadline(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -309,13 +315,7 @@ class Job:
             self.meta.check()
         except StorageError as exc:
             raise JobError(str(exc)) from None
-        path = Path(self.spec.model.path)
-        try:
-            weights = check_model_dir(path, self.spec.model.variant)
-        except ModelError as exc:
-            raise JobError(f"model.path: {exc}") from None
-        self.worker_memory = worker_memory(weights, self.spec.model.dtype)
-        self.weights = fingerprint(path, weights)
+        self.worker_memory, self.weights = self._model()
         try:
             taken_over = self.lease.acquire()
         except (LeaseHeld, StorageError) as exc:
@@ -344,6 +344,21 @@ class Job:
             self.lease.release()
             raise JobError(f"metadata {self.spec.metadata_uri}: {exc}") from None
 
+    def _model(self) -> tuple[int, str]:
+        """(host memory each worker needs, the fingerprint output keys carry)."""
+        spec = self.spec
+        if spec.simulate is not None:
+            d = spec.defaults
+            frames = d.num_frames or simulated.NUM_FRAMES
+            memory = simulated.worker_memory(d.height, d.width, frames, spec.workers.batch_size, spec.workers.calls)
+            return memory, simulated.FINGERPRINT
+        path = Path(spec.model.path)
+        try:
+            weights = check_model_dir(path, spec.model.variant)
+        except ModelError as exc:
+            raise JobError(f"model.path: {exc}") from None
+        return worker_memory(weights, spec.model.dtype), fingerprint(path, weights)
+
     def _run(self) -> None:
         timers = self._arm_timers()
         # Submitted through the Jobs API, the job's runtime env already carries WORKER_ENV (see
@@ -351,9 +366,15 @@ class Job:
         submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         try:
             try:
-                connect(self.address, runtime_env=None if submitted else {"env_vars": WORKER_ENV}, log_to_driver=False)
+                connect(
+                    self.address,
+                    local_resources=self._devices(),
+                    runtime_env=None if submitted else {"env_vars": WORKER_ENV},
+                    log_to_driver=False,
+                )
             except ClusterError as exc:
                 raise JobError(str(exc)) from None
+            self._check_devices()
             self._check_memory()
             self.metrics = DriverMetrics(self.spec.name)
             configure_ray_data(self.spec)
@@ -490,6 +511,7 @@ class Job:
                     "ended_at": dt.datetime.now(dt.UTC),
                     "stopped": self.stopped,
                     "stalled": self.stalled,
+                    **self._device_figures(),
                 }
             )
             try:
@@ -497,6 +519,27 @@ class Job:
             except StorageError as exc:
                 log.warning("run record not written: %s", exc)
             self._report(force=True)
+
+    def _device_figures(self) -> dict[str, Any]:
+        """The run record's device_busy, frames_peak_mb and cpu_s_per_video (none before Ray)."""
+        if self._control is None:
+            return {}
+        import ray
+
+        try:
+            figures: list[dict[str, float]] = ray.get(self._control.device_figures.remote())
+        except ray.exceptions.RayError as exc:  # the record is still worth writing without them
+            log.warning("device figures not read: %s", first_line(exc))
+            return {}
+        if not figures:
+            return {}
+        videos = sum(f["videos"] for f in figures)
+        cpu = {stage: sum(f.get(f"cpu_{stage}_s", 0.0) for f in figures) for stage in CPU_STAGES}
+        return {
+            "device_busy": round(sum(f["busy"] for f in figures) / len(figures), 4),
+            "frames_peak_mb": round(max(f["frames_peak_bytes"] for f in figures) / 2**20, 1),
+            "cpu_s_per_video": {stage: round(seconds / videos, 4) for stage, seconds in cpu.items()} if videos else {},
+        }
 
     def _reconcile_shards(self) -> None:
         deleted = reconcile(self.output, self.meta)
@@ -556,6 +599,24 @@ class Job:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.drain(f"stopped by {signal.Signals(signum).name}")
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the driver at once
+
+    def _devices(self) -> dict[str, float]:
+        """The simulated devices a private local cluster declares: one per worker."""
+        return {simulated.RESOURCE: self.spec.workers.count} if self.spec.simulate is not None else {}
+
+    def _check_devices(self) -> None:
+        """A simulated job on a cluster without simulated devices would wait for them forever."""
+        import ray
+
+        if self.spec.simulate is None:
+            return
+        count, have = self.spec.workers.count, int(ray.cluster_resources().get(simulated.RESOURCE, 0))
+        if have < count:
+            raise JobError(
+                f"--simulate: workers.count is {count} and the cluster has {have} simulated devices (Ray resource "
+                f"{simulated.RESOURCE}); drop --address for a private local cluster with one per worker, or start "
+                f"the head with --resources '{{\"{simulated.RESOURCE}\": {count}}}'"
+            )
 
     def _check_memory(self) -> None:
         """Refuse at start a pool that cannot fit: never let the OS kill workers mid-job."""

@@ -15,6 +15,8 @@ SUFFIX = {Format.mp4: ".mp4", Format.gif: ".gif", Format.webp: ".webp", Format.p
 def _even(frames: np.ndarray) -> np.ndarray:
     """yuv420p subsamples chroma 2x2, so H.264 needs even sizes: repeat the last row/column."""
     _, h, w, _ = frames.shape
+    if not (h % 2 or w % 2):
+        return frames  # not a copy: a full-size clip is 44 MB
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 

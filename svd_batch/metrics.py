@@ -9,7 +9,6 @@ and gives a counter the `_total` suffix: `svd_batch_videos` is scraped as
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -57,18 +56,19 @@ class WorkerMetrics:
         )
         self.seconds.set_default_tags({"job": job})
         self.busy = Gauge(
-            "svd_batch_device_busy_ratio", "Share of its time a worker spent in calls.", tag_keys=("job", "worker")
+            "svd_batch_device_busy_ratio",
+            "Share of a worker's wall time since its first call that its device spent computing.",
+            tag_keys=("job", "worker"),
         )
         self.busy.set_default_tags({"job": job, "worker": worker})
         if restarted:  # Ray's counters count from their first increment: no series until a restart
             restarts = Counter("svd_batch_worker_restarts", "Workers Ray restarted after a death.", tag_keys=("job",))
             restarts.inc(1, tags={"job": job})
-        self.since = time.monotonic()
-        self.busy_s = 0.0
 
-    def call(self, seconds: float, rows: Iterable[ResultRow]) -> None:
-        self.busy_s += seconds
-        self.busy.set(min(self.busy_s / max(time.monotonic() - self.since, 1e-9), 1.0))
+    def call(self, rows: Iterable[ResultRow], busy: float | None) -> None:
+        """`busy`: the worker's DeviceClock.busy (device.py)."""
+        if busy is not None:
+            self.busy.set(busy)
         for row in rows:
             for stage in STAGES:
                 value: Any = getattr(row, f"{stage}_s")

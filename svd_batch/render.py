@@ -48,6 +48,18 @@ def configure_ray_data(spec: JobSpec) -> None:
     context.max_errored_blocks = -1
 
 
+def worker_resources(spec: JobSpec) -> tuple[dict[str, float], float]:
+    """What each worker asks Ray for: (custom resources, CPUs). A simulated device is a custom
+    resource of its own and reserves no CPU: its CPU work still runs, so where the cores run
+    short it shows as lost throughput, which is what a simulation is there to measure."""
+    from svd_batch.engine import simulated
+
+    workers = spec.workers
+    if spec.simulate is not None:
+        return {**workers.resources, simulated.RESOURCE: 1}, 0.0
+    return {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}, workers.cpus_per_worker
+
+
 def render(spec: JobSpec, run_id: str, planned: Any, worker_memory: int) -> Iterator[pa.Table]:
     """Result rows of the planned dataset, a batch at a time, as workers return them; raises Stalled."""
     import ray
@@ -56,13 +68,17 @@ def render(spec: JobSpec, run_id: str, planned: Any, worker_memory: int) -> Iter
     from svd_batch.worker import worker_class
 
     workers = spec.workers
-    resources = {**workers.resources, **({"NPU": 1} if workers.device == "npu" else {})}
+    resources, cpus = worker_resources(spec)
     ds = planned.map_batches(
         worker_class(spec.model_dump_json(), run_id),
         batch_size=workers.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers.count),
-        num_cpus=workers.cpus_per_worker,
+        # Each worker runs `calls` calls at once, one on its device while another is written
+        # (worker.py); Ray Data then keeps 2 x calls batches in flight per worker.
+        compute=ray.data.ActorPoolStrategy(
+            size=workers.count, max_concurrent_calls_per_actor=workers.calls, enable_true_multi_threading=True
+        ),
+        num_cpus=cpus,
         # What the loaded model holds: Ray places no worker where it would not fit.
         memory=worker_memory,
         resources=resources or None,
@@ -75,7 +91,7 @@ def render(spec: JobSpec, run_id: str, planned: Any, worker_memory: int) -> Iter
         # current one, so each batch of results would reach the ledger a batch late.
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
     except ExecutionTimeoutError:
-        wanted = {"CPU": workers.cpus_per_worker, **resources}
+        wanted = {"CPU": cpus, **resources}
         raise Stalled(
             f"no worker made progress for {workers.no_progress_timeout_s:.0f} s; check that the cluster "
             f"has {workers.count} x {wanted} free (`ray status`)"

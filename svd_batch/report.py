@@ -124,15 +124,20 @@ def timeline_svg(ended: pd.Series, width: int = 640, height: int = 160) -> str:
 
 
 def lanes_svg(rows: pd.DataFrame, width: int = 640, lane: int = 22) -> str:
-    """One lane per worker across the run: when it was rendering (blue) and when idle (grey)."""
-    timed = rows.dropna(subset=["worker", "started_at", "ended_at"])
-    start, end = timed.started_at.min(), timed.ended_at.max()
+    """One lane per worker across the run: when its device computed (blue) and when it was idle
+    (grey), from each row's last device call; rows written before those were recorded show
+    their whole time in the worker instead."""
+    rows = rows.copy()
+    rows["busy_from"] = rows.device_started_at.fillna(rows.started_at)
+    rows["busy_to"] = rows.device_ended_at.fillna(rows.ended_at)
+    timed = rows.dropna(subset=["worker", "busy_from", "busy_to"])
+    start, end = timed.busy_from.min(), timed.busy_to.max()
     total = max((end - start).total_seconds(), 1e-3)
     scale = (width - 260) / total
     lanes = []
     for n, (worker, group) in enumerate(sorted(timed.groupby("worker"), key=lambda item: item[0])):
         merged: list[list[float]] = []  # a batch's rows overlap: their union is the busy time
-        for a, b in sorted(zip(group.started_at, group.ended_at, strict=True)):
+        for a, b in sorted(zip(group.busy_from, group.busy_to, strict=True)):
             a_s, b_s = (a - start).total_seconds(), (b - start).total_seconds()
             if merged and a_s <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], b_s)

@@ -207,6 +207,10 @@ class WorkersSpec(Strict):
     # workers hold every CPU, Ray Data's own tasks never get one and the job hangs.
     cpus_per_worker: Annotated[float, Field(ge=0)] = 0.5
     batch_size: Annotated[int, Field(gt=0, le=64)] = 4  # rows per pipeline call, at most
+    # Calls a worker runs at once (worker.py): with 2, one batch renders while the last one is
+    # scored, encoded and uploaded; 1 renders and writes in turn (the device waits for the CPU),
+    # holding half the frames. More than 2 only holds more frames.
+    calls: Annotated[int, Field(ge=1, le=4)] = 2
     max_attempts: Annotated[int, Field(gt=0, le=10)] = 3  # per row, across worker crashes
     # Extra Ray resources each worker asks for, e.g. {"svd_slot": 1} to pin workers to a node pool.
     resources: dict[str, float] = Field(default_factory=dict)
@@ -272,6 +276,9 @@ class JobSpec(Strict):
 
     # One run holds an output at a time; a holder silent for this long is taken over (ledger.py).
     lease_ttl_s: Annotated[float, Field(ge=10)] = 120.0
+    # Seconds per video of a simulated device in place of the pipeline (engine/simulated.py);
+    # `svd-batch run --simulate`. Such a job writes under <output>/simulated/ (`simulated()`).
+    simulate: Annotated[float, Field(gt=0, le=3600)] | None = None
 
     @field_validator("sweep")
     @classmethod
@@ -305,6 +312,12 @@ class JobSpec(Strict):
     def made(self) -> list[str]:
         """What a done key has committed: every format, and its shard (the `<name>_uri` columns)."""
         return [*self.formats, *(["shard"] if self.shards else [])]
+
+    def simulated(self, seconds: float) -> JobSpec:
+        """The job on simulated devices: everything it writes (videos, shards, metadata, run
+        records, report) goes under <output>/simulated/, never beside real outputs."""
+        output = self.output.rstrip("/") + "/simulated"
+        return self.model_copy(update={"simulate": seconds, "output": output, "metadata": None})
 
     @property
     def metadata_uri(self) -> str:
@@ -427,6 +440,11 @@ class ResultRow(BaseModel):
     load_peak_rss_mb: float | None = None
     denoise_s: float | None = None
     decode_s: float | None = None
+    # This video's share of its device calls (pipeline and image encoder, every try), and when
+    # its last one began and ended: what the report's worker lanes draw.
+    device_s: float | None = None
+    device_started_at: dt.datetime | None = None
+    device_ended_at: dt.datetime | None = None
     encode_s: float | None = None
     upload_s: float | None = None
     # The clip's scores (scores.py; units in the README), measured on its frames before encoding.
@@ -495,6 +513,12 @@ class RunRecord(BaseModel):
     ended_at: dt.datetime | None = None
     stopped: str | None = None
     stalled: str | None = None
+    # Over the run's worker processes: the mean share of their wall time since their first call
+    # that their devices computed, and the most frames one held for its CPU work.
+    device_busy: float | None = None
+    frames_peak_mb: float | None = None
+    # CPU seconds per video made (ok or rejected), by stage: score, encode, upload.
+    cpu_s_per_video: dict[str, float] = Field(default_factory=dict)
 
 
 class LeaseRecord(BaseModel):

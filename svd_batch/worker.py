@@ -3,6 +3,14 @@
 Frames and videos never leave the worker: they are encoded and uploaded here, and only the
 small metadata rows go back to the driver. `RowWorker` is plain Python (the `render` command
 runs it in-process); `RayWorker` is the Ray Data callable wrapped around it.
+
+The device's path holds only device work. A call renders its batch and runs the image
+encoder for its consistency scores back to back while it holds the device; then it lets the
+device go and scores, encodes, uploads and fills the shard on the CPU. `RayWorker` runs
+`workers.calls` (2) of them at once, so the next batch renders while the last one is
+written: the device waits for the CPU only where a batch's CPU work outlasts a batch's
+render, and then backpressure holds it (no further batch is taken), so at most `calls`
+batches of frames are held.
 """
 
 from __future__ import annotations
@@ -10,23 +18,27 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import queue
 import resource
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
 from svd_batch.control import History, JobControl
+from svd_batch.device import CpuClock, DeviceClock, FrameMeter
 from svd_batch.encode import encode
-from svd_batch.engine.loader import load_pipeline
+from svd_batch.engine import simulated
+from svd_batch.engine.loader import LoadedModel, load_pipeline
 from svd_batch.engine.renderer import OutputError, RenderedVideo, Renderer, VideoRequest
 from svd_batch.errors import first_line, is_retryable
 from svd_batch.images import load_image
@@ -59,12 +71,32 @@ def _tries(item: WorkItem) -> int:
     return item.params.quality.max_tries if item.params.quality else 1
 
 
+def _engine(spec: JobSpec) -> tuple[LoadedModel, Renderer]:
+    """The loaded pipeline and its renderer; under `simulate`, the simulated device's (which
+    imports no MindSpore and loads no weights)."""
+    if spec.simulate is not None:
+        model = simulated.model()
+        return model, simulated.SimulatedRenderer(model, max_batch=spec.workers.batch_size, seconds=spec.simulate)
+    model = load_pipeline(spec.model, spec.workers.device)
+    return model, Renderer(model, max_batch=spec.workers.batch_size)
+
+
 class RowWorker:
+    """Its `process` may run in several threads at once: the device is one at a time, and so
+    is the open shard."""
+
     def __init__(self, spec: JobSpec) -> None:
         started = time.perf_counter()
         self.spec = spec
-        self.model = load_pipeline(spec.model, spec.workers.device)
-        self.renderer = Renderer(self.model, max_batch=spec.workers.batch_size)
+        # One thread per clip's scores: the device no longer waits for them, so what counts
+        # is CPU seconds per clip, which OpenCV's own threads only add to on a busy host.
+        cv2.setNumThreads(1)
+        self.model, self.renderer = _engine(spec)
+        self.device = threading.Lock()
+        self.clock = DeviceClock()
+        self.cpu = CpuClock()
+        self.frames = FrameMeter()
+        self._lock = threading.RLock()  # what calls share beside the device: the open shard, the load report
         self.storage = open_storage(spec.output)
         self.inputs = InputPolicy.for_spec(spec)
         self.node = socket.gethostname()
@@ -76,32 +108,71 @@ class RowWorker:
         self._committed: list[ResultRow] = []  # rows of shards committed (or failed to), not handed over yet
         self._sharded: set[int] = set()  # id() of the rows handed to a shard, so not handed back with their call
 
-    def process(self, items: Sequence[WorkItem], attempt: int = 1) -> list[ResultRow]:
-        """One result row per item, in order; a bad item never costs another its video."""
+    def process(
+        self, items: Sequence[WorkItem], attempt: int = 1, on_device: Callable[[], None] | None = None
+    ) -> list[ResultRow]:
+        """One result row per item, in order; a bad item never costs another its video.
+        `on_device` is called when the call first holds the device."""
         prepared = [self._prepare(item, attempt) for item in items]
         pending = [p for p in prepared if p.request is not None]
         while pending:  # a gated row that missed a gate goes round again with its next seed
+            # 1. The device, back to back: the pipeline call, then the image encoder's
+            with self.device:
+                if on_device is not None:
+                    on_device()
+                    on_device = None
+                rendered, similarities = self._on_device(pending)
+            # 2. The CPU, while the device renders the next batch: scores, gates, encode, upload
+            with self.frames.holding(sum(video.frames.nbytes for _, video in rendered)):
+                pending = [
+                    p
+                    for (p, video), similarity in zip(rendered, similarities, strict=True)
+                    if self._judge(p, video, similarity)
+                ]
+        return [p.row for p in prepared]
+
+    def _on_device(
+        self, pending: list[_Prepared]
+    ) -> tuple[list[tuple[_Prepared, RenderedVideo]], list[float | Exception]]:
+        started_at = _now()
+        with self.clock.computing():
+            started = time.perf_counter()
             rendered = []
             for p, video in zip(pending, self._render([p.request for p in pending]), strict=True):
                 if isinstance(video, Exception):
                     self._fail(p, Stage.render, video)
                 else:
                     rendered.append((p, video))
-            again = []
-            for (p, video), similarity in zip(rendered, self._consistency(rendered), strict=True):
-                if self._judge(p, video, similarity):
-                    again.append(p)
-            pending = again
-        return [p.row for p in prepared]
+            similarities = self._consistency(rendered)
+            share = (time.perf_counter() - started) / len(pending)
+        ended_at = _now()
+        for p in pending:
+            p.row.device_s = (p.row.device_s or 0.0) + share
+            p.row.device_started_at, p.row.device_ended_at = started_at, ended_at
+        return rendered, similarities
+
+    def figures(self) -> dict[str, float] | None:
+        """The device's figures so far, for the run record (see device.py); None before its
+        first call."""
+        if self.clock.busy is None:
+            return None
+        return {
+            "busy": self.clock.busy,
+            "busy_s": self.clock.busy_s,
+            "frames_peak_bytes": float(self.frames.peak),
+            "videos": float(self.cpu.videos),
+            **{f"cpu_{stage}_s": seconds for stage, seconds in self.cpu.seconds.items()},
+        }
 
     def settle(self, rows: list[ResultRow]) -> tuple[list[ResultRow], list[ResultRow]]:
         """Split what `process` returned: (the rows to hand back now, the rows of every shard
         committed since the last call). The rows in the open shard are neither: they are
         handed over when their shard is committed, and lost with it."""
-        now = [row for row in rows if id(row) not in self._sharded]
-        committed, self._committed = self._committed, []
-        self._sharded.difference_update(id(row) for row in committed)
-        return now, committed
+        with self._lock:
+            now = [row for row in rows if id(row) not in self._sharded]
+            committed, self._committed = self._committed, []
+            self._sharded.difference_update(id(row) for row in committed)
+            return now, committed
 
     @property
     def holding(self) -> int:
@@ -110,27 +181,22 @@ class RowWorker:
 
     def close(self) -> None:
         """Commit the open shard: the worker is ending. `settle` hands over its rows."""
-        if self.shard is not None:
-            self._commit_shard()
-            self.shard.remove()
-            self.shard = None
+        with self._lock:
+            if self.shard is not None:
+                self._commit_shard()
+                self.shard.remove()
+                self.shard = None
 
     def _consistency(self, rendered: list[tuple[_Prepared, RenderedVideo]]) -> list[float | Exception]:
-        """Each video's consistency score, from one call of the image encoder for them all."""
+        """Each video's consistency score, from one call of the image encoder for them all: device
+        work, counted in the rows' device_s."""
         if not rendered:
             return []
-        started = time.perf_counter()
         try:
             fitted = [np.asarray(p.request.image) for p, _ in rendered]  # type: ignore[union-attr]
-            scores: list[float | Exception] = list(
-                consistency(self.renderer.image_embeddings, fitted, [video.frames for _, video in rendered])
-            )
+            return list(consistency(self.renderer.image_embeddings, fitted, [video.frames for _, video in rendered]))
         except Exception as exc:
-            scores = [exc] * len(rendered)
-        share = (time.perf_counter() - started) / len(rendered)
-        for p, _ in rendered:
-            p.row.score_s = (p.row.score_s or 0.0) + share
-        return scores
+            return [exc] * len(rendered)
 
     def _prepare(self, item: WorkItem, attempt: int) -> _Prepared:
         row = ResultRow.for_item(
@@ -145,9 +211,10 @@ class RowWorker:
             attempt=attempt,
             started_at=_now(),
         )
-        if not self._loads_reported:
-            # The model load belongs to the first row this worker makes, not to every row.
-            row.load_s, row.load_peak_rss_mb, self._loads_reported = self.load_s, self.load_peak_rss_mb, True
+        with self._lock:
+            if not self._loads_reported:
+                # The model load belongs to the first row this worker makes, not to every row.
+                row.load_s, row.load_peak_rss_mb, self._loads_reported = self.load_s, self.load_peak_rss_mb, True
         prepared, stage = _Prepared(item, row), Stage.params
         try:
             params = row.params = self.renderer.resolve(item.params)
@@ -205,7 +272,8 @@ class RowWorker:
         try:
             if isinstance(similarity, Exception):
                 raise similarity
-            scores = score_clip(video.frames, np.asarray(request.image), similarity)
+            with self.cpu.stage("score"):
+                scores = score_clip(video.frames, np.asarray(request.image), similarity)
         except Exception as exc:
             self._fail(p, Stage.score, exc)
             return False
@@ -252,6 +320,7 @@ class RowWorker:
             self._upload(p, video, to_shard=status == Status.ok)
         if row.error_stage is None:
             row.status, row.error, row.ended_at = status, None, _now()
+            self.cpu.made()
 
     def _upload(self, p: _Prepared, video: RenderedVideo, to_shard: bool) -> None:
         row = p.row
@@ -260,25 +329,26 @@ class RowWorker:
         missing = [fmt for fmt in self.spec.formats if f"{fmt}_uri" not in p.item.kept]
         to_shard = to_shard and self.spec.shards is not None and "shard_uri" not in p.item.kept
         uploaded: list[str] = []
+        fps = p.item.params.export_fps
         try:
             with tempfile.TemporaryDirectory(prefix="svd-batch-") as tmp:
                 started = time.perf_counter()
-                written = {
-                    fmt: encode(video.frames, fmt, p.item.params.export_fps, Path(tmp), "video") for fmt in missing
-                }
+                with self.cpu.stage("encode", children=True):
+                    written = {fmt: encode(video.frames, fmt, fps, Path(tmp), "video") for fmt in missing}
+                    if to_shard:
+                        sample = written.get(Format.mp4) or encode(video.frames, Format.mp4, fps, Path(tmp), "sample")
                 row.encode_s = time.perf_counter() - started
                 started = time.perf_counter()
-                for fmt, files in written.items():
-                    keys = [self._key(p.item.key, fmt, f) for f in files]
-                    for file, key in zip(files, keys, strict=True):
-                        self.storage.put_file(file, key)
-                        uploaded.append(key)
-                    uri = self.storage.uri(keys[0])
-                    setattr(row, f"{fmt}_uri", uri if fmt != "png" else uri.rsplit("/", 1)[0] + "/")
-                if to_shard:
-                    fps = p.item.params.export_fps
-                    mp4 = written.get(Format.mp4) or encode(video.frames, Format.mp4, fps, Path(tmp), "sample")
-                    self._to_shard(p, video, mp4[0])
+                with self.cpu.stage("upload"):
+                    for fmt, files in written.items():
+                        keys = [self._key(p.item.key, fmt, f) for f in files]
+                        for file, key in zip(files, keys, strict=True):
+                            self.storage.put_file(file, key)
+                            uploaded.append(key)
+                        uri = self.storage.uri(keys[0])
+                        setattr(row, f"{fmt}_uri", uri if fmt != "png" else uri.rsplit("/", 1)[0] + "/")
+                    if to_shard:
+                        self._to_shard(p, video, sample[0])
                 row.upload_s = time.perf_counter() - started
         except Exception as exc:
             self._fail(p, Stage.output, exc)
@@ -287,18 +357,19 @@ class RowWorker:
     def _to_shard(self, p: _Prepared, video: RenderedVideo, mp4: Path) -> None:
         """The row's sample into the open shard (committed when full); its row is held until then."""
         assert self.spec.shards is not None and p.request is not None
-        if self.shard is None:
-            self.shard = OpenShard(self.storage, p.item.run_id, self.spec.shards.size)
         members = {
             "mp4": mp4.read_bytes(),
             "json": sample_json(p.row),
             "input.jpg": jpeg(np.asarray(p.request.image)),
             "poster.jpg": jpeg(video.frames[0]),
         }
-        self.shard.add(p.row, members)
-        self._sharded.add(id(p.row))
-        if self.shard.full:
-            self._commit_shard()
+        with self._lock:
+            if self.shard is None:
+                self.shard = OpenShard(self.storage, p.item.run_id, self.spec.shards.size)
+            self.shard.add(p.row, members)
+            self._sharded.add(id(p.row))
+            if self.shard.full:
+                self._commit_shard()
 
     def _commit_shard(self) -> None:
         """A shard that cannot be committed fails its rows (retryably): they are rendered again."""
@@ -362,12 +433,16 @@ class RowWorker:
 class RayWorker:
     """Ray Data callable: `__init__` loads once, `__call__` takes a batch of work items.
 
+    Ray runs `workers.calls` calls of it at once (a threaded actor), each in a slot of its
+    own: while one renders, the other is written (see the module's docstring).
+
     Before each call it tells the run's JobControl which rows it starts, so that when a worker
     dies the rows it had in flight are known. A batch with such rows is rendered one row per
     call: only the row that kills its worker dies with it, and after `workers.max_attempts`
     deaths that row fails alone while its batch-mates are made. A call that outlives
-    `workers.row_timeout_s` per row ends the worker (the only way to stop a stuck pipeline
-    call); Ray restarts it, and the row, if alone, ends failed as retryable.
+    `workers.row_timeout_s` per row from the moment it holds the device ends the worker (the
+    only way to stop a stuck pipeline call); Ray restarts it, and the row, if alone, ends
+    failed as retryable (the other slot's rows count that death too, as they died with it).
 
     With `shards`, a row in the worker's open shard is not handed back with its call: the rows
     of a committed shard go to the JobControl at once (a later death cannot lose them), and the
@@ -384,28 +459,38 @@ class RayWorker:
         self.worker.worker_id = context.get_actor_id()[:16]
         self.metrics = WorkerMetrics(self.spec.name, self.worker.worker_id, context.was_current_actor_reconstructed)
         self.control = _control(run_id)
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(self.spec.workers.calls):
+            self._slots.put(slot)
         if self.spec.shards is not None:  # after a restart: the open shard died with the last process
             self._tell(self.control, "shard_rows", 0, [], True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        slot = self._slots.get()
+        try:
+            return self._call(batch, slot)
+        finally:
+            self._slots.put(slot)
+
+    def _call(self, batch: pa.Table, slot: int) -> pa.Table:
         items = items_from_table(batch)
         invalid = [invalid_row(i, _now()) for i in items if i.error is not None]
         items = [i for i in items if i.error is None]
         if not items:
             return rows_to_table(invalid)
         control = self.control
-        answer = self._tell(control, "begin", os.getpid(), [i.key for i in items])
+        answer = self._tell(control, "begin", os.getpid(), [i.key for i in items], slot=slot)
         draining, history = answer if answer is not None else (False, {})
         if draining:
             return rows_to_table(invalid)  # the rest not started: left for the next run
         if not history:
             try:
-                with self._watchdog(control, items):
-                    rows = self._settle(control, self._process(items))
+                with self._watchdog(control, items, slot) as on_device:
+                    rows = self._settle(control, self._process(items, on_device=on_device))
             finally:
-                self._tell(control, "end")
+                self._tell(control, "end", slot=slot)
             return rows_to_table(invalid + rows)
-        return rows_to_table(invalid + self._one_by_one(control, items, history))
+        return rows_to_table(invalid + self._one_by_one(control, items, history, slot))
 
     def __del__(self) -> None:
         """Ray Data ends its workers when the stream is done: the last shard is committed here."""
@@ -413,10 +498,13 @@ class RayWorker:
             self.worker.close()
             self._settle(self.control, [])
 
-    def _process(self, items: list[WorkItem], attempt: int = 1) -> list[ResultRow]:
-        started = time.monotonic()
-        rows = self.worker.process(items, attempt)
-        self.metrics.call(time.monotonic() - started, rows)
+    def _process(
+        self, items: list[WorkItem], attempt: int = 1, on_device: Callable[[], None] | None = None
+    ) -> list[ResultRow]:
+        rows = self.worker.process(items, attempt, on_device)
+        self.metrics.call(rows, self.worker.clock.busy)
+        if (figures := self.worker.figures()) is not None:
+            self._tell(self.control, "device", os.getpid(), figures)
         return rows
 
     def _settle(self, control: Any, rows: list[ResultRow]) -> list[ResultRow]:
@@ -427,7 +515,9 @@ class RayWorker:
         answer = self._tell(control, "shard_rows", self.worker.holding, [row.model_dump() for row in committed])
         return now if answer is not None else now + committed
 
-    def _one_by_one(self, control: Any, items: list[WorkItem], history: dict[str, History]) -> list[ResultRow]:
+    def _one_by_one(
+        self, control: Any, items: list[WorkItem], history: dict[str, History], slot: int
+    ) -> list[ResultRow]:
         rows = []
         for item in items:
             past = history.get(item.key, History())
@@ -439,16 +529,16 @@ class RayWorker:
             if refusal:
                 rows.append(self.worker.refuse(item, *refusal, attempt=past.deaths + int(past.timed_out)))
                 continue
-            answer = self._tell(control, "begin", os.getpid(), [item.key], True)
+            answer = self._tell(control, "begin", os.getpid(), [item.key], True, slot=slot)
             if answer is not None and answer[0]:
                 break  # drained meanwhile: the rest are left for the next run
             made: list[ResultRow] = []
             try:
-                with self._watchdog(control, [item]):
-                    made = self._settle(control, self._process([item], attempt=past.deaths + 1))
+                with self._watchdog(control, [item], slot) as on_device:
+                    made = self._settle(control, self._process([item], past.deaths + 1, on_device))
             finally:
                 # A row in the open shard is not made yet: after a death it is rendered again.
-                self._tell(control, "end", {row.key: row.model_dump() for row in made})
+                self._tell(control, "end", {row.key: row.model_dump() for row in made}, slot=slot)
             rows += made
         return rows
 
@@ -469,31 +559,32 @@ class RayWorker:
         return None
 
     @contextmanager
-    def _watchdog(self, control: Any, items: list[WorkItem]) -> Iterator[None]:
+    def _watchdog(self, control: Any, items: list[WorkItem], slot: int) -> Iterator[Callable[[], None]]:
+        """Yields what starts the clock: the call's time counts from when it holds the device,
+        not while it waits behind the other slot's render."""
         rows = len(items)
 
         def expire() -> None:
             if rows == 1:  # alone: the row itself is too slow (with batch-mates: find out one by one)
-                self._tell(control, "timed_out")
+                self._tell(control, "timed_out", slot=slot)
             print(f"svd-batch: a call of {rows} row(s) outlived workers.row_timeout_s; restarting", flush=True)
             os._exit(1)
 
         # row_timeout_s is per render: a gated row may take max_tries of them.
         timer = threading.Timer(self.spec.workers.row_timeout_s * sum(map(_tries, items)), expire)
         timer.daemon = True
-        timer.start()
         try:
-            yield
+            yield timer.start
         finally:
             timer.cancel()
 
-    def _tell(self, control: Any, method: str, *args: Any) -> Any:
+    def _tell(self, control: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
 
         if control is None:
             return None
         try:
-            return ray.get(getattr(control, method).remote(self.worker.worker_id, *args))
+            return ray.get(getattr(control, method).remote(self.worker.worker_id, *args, **kwargs))
         except ray.exceptions.RayActorError:
             # A control actor gone with its node: rows must not fail for want of it, so the
             # worker goes on rendering without drain requests or death counts.

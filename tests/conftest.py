@@ -74,8 +74,16 @@ def ray_cluster(s3_server: str):  # type: ignore[no-untyped-def]
     import ray
 
     from svd_batch import WORKER_ENV
+    from svd_batch.engine.simulated import RESOURCE
 
-    # 2 real cores; 4 logical CPUs leave room for Ray Data's own tasks beside 2 workers.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    # 2 real cores; 4 logical CPUs leave room for Ray Data's own tasks beside 2 workers. Simulated
+    # devices for the jobs run with `simulate`, as `svd-batch run --simulate` has them locally.
+    ray.init(
+        num_cpus=4,
+        resources={RESOURCE: 16},
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
     yield ray
     ray.shutdown()

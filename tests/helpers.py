@@ -143,6 +143,18 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
     )
 
 
+def run_control(run_id: str) -> object:
+    """The run's control actor (control.py), once the driver has started it; else None."""
+    import ray
+
+    from svd_batch.control import JobControl
+
+    try:
+        return ray.get_actor(JobControl.name(run_id))
+    except ValueError:
+        return None
+
+
 def worker_pids(under: str | None = None) -> list[int]:
     """This test session's svd-batch workers: descendants of this process (its Ray cluster's
     raylet started them), never those of another suite or job running on the same machine.

@@ -31,6 +31,7 @@ from tests.helpers import (
     make_image,
     results,
     rows_and_images,
+    run_control,
     run_job,
     run_records,
     videos_match_metadata,
@@ -301,16 +302,16 @@ def test_job_control_counts_deaths_per_row_in_flight() -> None:
     assert not draining and history == {"c": History(deaths=1), "d": History(deaths=1)}
     # That batch is now rendered a row per call and only those are in flight: a worker that dies
     # before the first of them (rendering nothing) and starts the batch again charges nobody.
-    assert control.in_flight() == {}
+    assert control.in_flight() == []
     control.begin("w1", 12, ["c", "d"])
     assert control.begin("w1", 12, ["c"], True)[1] == {"c": History(deaths=1)}
-    assert control.in_flight() == {"w1": (12, ["c"])}
+    assert control.in_flight() == [(12, ["c"])]
     control.end("w1", {"c": {"id": "c"}})
     control.begin("w1", 12, ["d"], True)
     control.timed_out("w1")
     assert control.begin("w1", 13, ["c", "d"])[1] == {"c": History(1, False, {"id": "c"}), "d": History(1, True)}
     control.drain()
-    assert control.begin("w2", 14, ["e"]) == (True, {}) and "w2" not in control.in_flight()
+    assert control.begin("w2", 14, ["e"]) == (True, {}) and control.in_flight() == []
 
 
 @pytest.mark.slow
@@ -328,10 +329,10 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
     thread.start()
     # Whatever it is in a real night (a kernel crash, the OOM killer), the culprit is played by a
     # real SIGKILL, sent each time a worker is rendering the poison row.
-    control = wait_until(lambda: _actor(JobControl.name(job.run_id)), "the run's control actor", timeout=300)
+    control = wait_until(lambda: run_control(job.run_id), "the run's control actor", timeout=300)
     killed: set[int] = set()
     while thread.is_alive():
-        for pid, keys in ray.get(control.in_flight.remote()).values():
+        for pid, keys in ray.get(control.in_flight.remote()):
             if pid not in killed and any("/poison-" in key for key in keys):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -348,15 +349,6 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
     assert (df.drop("poison").status == "ok").all()
     assert (df.drop("poison").attempt <= 2).all()  # the batch-mates were retried once at most
     assert videos_match_metadata(spec)
-
-
-def _actor(name: str) -> object:
-    import ray
-
-    try:
-        return ray.get_actor(name)
-    except ValueError:
-        return None
 
 
 @pytest.mark.slow

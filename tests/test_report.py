@@ -172,3 +172,29 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
     for (stage, kind), n in groups.items():
         assert f"{stage}: {kind}: {n} rows" in dom and "svd-batch run JOB.yaml --retry-failed" in dom
     assert dom.count('class="input"') == dom.count('class="video"') == 3 + 3 + 2
+
+
+def test_a_workers_lane_shows_its_device_calls_not_its_time_writing() -> None:
+    """Two calls of one worker: on the device 0-2 s and 3-5 s, each row written 2 s later. The
+    lane draws the device calls, and its busy share is theirs over the span (4 of 5 s), not
+    the rows' whole time in the worker, which would cover it all."""
+    from svd_batch.report import lanes_svg
+
+    t0 = pd.Timestamp("2026-12-07T00:00:00Z")
+
+    def at(seconds: float) -> pd.Timestamp:
+        return t0 + pd.Timedelta(seconds=seconds)
+
+    rows = pd.DataFrame(
+        {
+            "worker": ["w1", "w1"],
+            "node": ["n", "n"],
+            "started_at": [at(0), at(1)],
+            "ended_at": [at(4), at(7)],
+            "device_started_at": [at(0), at(3)],
+            "device_ended_at": [at(2), at(5)],
+        }
+    )
+    svg = lanes_svg(rows)
+    assert "w1: busy 80%" in svg  # 4 s of device calls in the 5 s the lanes span (the rows' times: 7 s, all busy)
+    assert re.findall(r"<title>(\d+)–(\d+) s</title>", svg) == [("0", "2"), ("3", "5")]
