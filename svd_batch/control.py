@@ -6,11 +6,11 @@ and take the run with it). It holds
 - what planning counted so far (planning.py): the driver's totals, without a row in it, and
   how far planning is ahead of the rows the driver got back, which planning keeps bounded;
 - the rows each worker is rendering, per call slot (a worker runs two calls at once, see
-  RayWorker): a worker that starts a call from a new process must have been restarted, so the
-  rows of its calls still open were in flight when it died (and so were those of a slot that
-  starts again without having ended). Their deaths are counted per row, which is how a row
-  that kills its worker every time is found and isolated, and how `attempt` is the true
-  attempt number;
+  RayWorker), and which call holds its device: a worker that starts a call from a new
+  process must have been restarted, so its calls still open died with it. The one on the
+  device is charged the death (all of them, if none was), per row, which is how a row that
+  kills its worker every time is found and isolated while the other slot's rows are not
+  blamed, and how `attempt` is the true attempt number;
 - rows that outlived `workers.row_timeout_s`, and the results of rows finished while a
   worker re-renders a troubled batch one row at a time, so a later death loses none of them;
 - with shards, the rows each worker holds in its open shard, and the rows of the shards it
@@ -46,6 +46,7 @@ class JobControl:
     committed: list[dict[str, Any]] = field(default_factory=list)  # rows of committed shards, for the driver
     lost_in_shards: int = 0
     devices: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # (worker, pid) -> figures
+    holder: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker -> (pid, slot) last on its device
 
     @staticmethod
     def name(run_id: str) -> str:
@@ -105,14 +106,31 @@ class JobControl:
         return self.draining, history
 
     def _count_deaths(self, worker: str, pid: int, slot: int) -> None:
+        """The calls that died are charged: only the one that held the device when it did (what
+        kills a worker is its render), or all of them when none did."""
         dead = [
             call
             for call, (opened_by, _) in self.open_calls.items()
             if call[0] == worker and (opened_by != pid or call[1] == slot)
         ]
+        held = [call for call in dead if self.holder.get(worker) == (self.open_calls[call][0], call[1])]
         for call in dead:
-            for key in self.open_calls.pop(call)[1]:
-                self.history.setdefault(key, History()).deaths += 1
+            keys = self.open_calls.pop(call)[1]
+            if call in (held or dead):
+                for key in keys:
+                    self.history.setdefault(key, History()).deaths += 1
+
+    def device_taken(self, worker: str, pid: int, slot: int = 0) -> None:
+        """A call of this worker holds its device now."""
+        self.holder[worker] = (pid, slot)
+
+    def on_device(self) -> list[tuple[int, list[str]]]:
+        """(pid, keys) of the open calls that hold their worker's device."""
+        return [
+            (pid, keys)
+            for (worker, slot), (pid, keys) in self.open_calls.items()
+            if self.holder.get(worker) == (pid, slot)
+        ]
 
     def end(self, worker: str, results: dict[str, dict[str, Any]] | None = None, slot: int = 0) -> None:
         """The call returned (or raised); `results` are kept for rows of a troubled batch."""

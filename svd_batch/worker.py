@@ -442,7 +442,7 @@ class RayWorker:
     deaths that row fails alone while its batch-mates are made. A call that outlives
     `workers.row_timeout_s` per row from the moment it holds the device ends the worker (the
     only way to stop a stuck pipeline call); Ray restarts it, and the row, if alone, ends
-    failed as retryable (the other slot's rows count that death too, as they died with it).
+    failed as retryable. A death is charged to the call that held the device (JobControl).
 
     With `shards`, a row in the worker's open shard is not handed back with its call: the rows
     of a committed shard go to the JobControl at once (a later death cannot lose them), and the
@@ -560,8 +560,9 @@ class RayWorker:
 
     @contextmanager
     def _watchdog(self, control: Any, items: list[WorkItem], slot: int) -> Iterator[Callable[[], None]]:
-        """Yields what starts the clock: the call's time counts from when it holds the device,
-        not while it waits behind the other slot's render."""
+        """Yields what a call does when it first holds the device: start its clock (its time
+        counts from then, not while it waits behind the other slot's render), and tell the
+        JobControl, which charges a death to the call on the device."""
         rows = len(items)
 
         def expire() -> None:
@@ -573,8 +574,13 @@ class RayWorker:
         # row_timeout_s is per render: a gated row may take max_tries of them.
         timer = threading.Timer(self.spec.workers.row_timeout_s * sum(map(_tries, items)), expire)
         timer.daemon = True
+
+        def on_device() -> None:
+            timer.start()
+            self._tell(control, "device_taken", os.getpid(), slot=slot)
+
         try:
-            yield timer.start
+            yield on_device
         finally:
             timer.cancel()
 

@@ -120,10 +120,19 @@ def test_job_control_tells_a_workers_two_calls_apart_and_a_restart_kills_both() 
     control.end("w1", slot=0)
     control.begin("w1", 10, ["c"], slot=0)
     assert control.history == {}
-    # A new process of the same worker: both open calls died with the old one.
+    # A new process of the same worker: both open calls died with the old one, and none held the
+    # device, so both are charged.
     draining, history = control.begin("w1", 11, ["b", "c", "d"], slot=0)
     assert history == {"b": History(deaths=1), "c": History(deaths=1)} and not draining
     assert control.in_flight() == []
+    # Only the call on the device is charged when a process dies: what kills it is its render.
+    control.begin("w2", 20, ["e"], slot=0)
+    control.begin("w2", 20, ["f"], slot=1)
+    control.device_taken("w2", 20, slot=1)
+    assert control.on_device() == [(20, ["f"])]
+    control.begin("w2", 21, ["g"], slot=0)
+    assert control.history["f"] == History(deaths=1) and "e" not in control.history
+    assert control.in_flight() == [(21, ["g"])]
 
 
 def simulated_view(spec: Path) -> Path:
@@ -200,14 +209,14 @@ def test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those
     thread.start()
     control = wait_until(lambda: run_control(job.run_id), "the run's control actor", timeout=300)
 
-    def both_slots_busy() -> tuple[int, list[str]] | None:
-        calls = ray.get(control.in_flight.remote())
+    def both_slots_busy() -> tuple[int, list[str], list[str]] | None:
+        calls, rendering = ray.get([control.in_flight.remote(), control.on_device.remote()])
         pids = {pid for pid, _ in calls}
-        if len(calls) == 2 and len(pids) == 1:
-            return pids.pop(), [key for _, keys in calls for key in keys]
+        if len(calls) == 2 and len(pids) == 1 and rendering:
+            return pids.pop(), [key for _, keys in calls for key in keys], rendering[0][1]
         return None
 
-    pid, in_flight = wait_until(both_slots_busy, "a worker with one batch written and one rendering", timeout=300)
+    pid, in_flight, on_device = wait_until(both_slots_busy, "a worker with a batch written and one rendering", 300)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
@@ -215,7 +224,7 @@ def test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those
     view = simulated_view(spec)
     df = results(view)
     assert len(df) == len(set(df.key)) == 6  # one row each: none made twice
-    died = df[df.key.isin(in_flight)]
-    assert len(died) == 2 and (died.attempt == 2).all()  # exactly those two, rendered again
-    assert (df[~df.key.isin(in_flight)].attempt == 1).all()
+    # The row on the device is charged the death; the one being written died with it, blameless.
+    assert (df[df.key.isin(on_device)].attempt == 2).all() and len(on_device) == 1
+    assert (df[~df.key.isin(on_device)].attempt == 1).all() and len(in_flight) == 2
     assert videos_match_metadata(view)

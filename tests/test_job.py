@@ -328,11 +328,11 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
     thread = threading.Thread(target=lambda: outcome.append(job.run()))
     thread.start()
     # Whatever it is in a real night (a kernel crash, the OOM killer), the culprit is played by a
-    # real SIGKILL, sent each time a worker is rendering the poison row.
+    # real SIGKILL, sent each time a worker's device is rendering the poison row.
     control = wait_until(lambda: run_control(job.run_id), "the run's control actor", timeout=300)
     killed: set[int] = set()
     while thread.is_alive():
-        for pid, keys in ray.get(control.in_flight.remote()):
+        for pid, keys in ray.get(control.on_device.remote()):
             if pid not in killed and any("/poison-" in key for key in keys):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
