@@ -63,8 +63,16 @@ class JobError(RuntimeError):
 
 
 def load_spec(path: Path, simulate: float | None = None) -> JobSpec:
-    """Safe YAML, strict pydantic; relative paths resolve against the spec's own folder.
+    """The job as it runs: `written_spec`, on simulated devices where it says `simulate`.
     `simulate`: seconds per video of a simulated device (the spec's own `simulate` otherwise)."""
+    spec = written_spec(path, simulate)
+    return spec if spec.simulate is None else spec.simulated(spec.simulate)
+
+
+def written_spec(path: Path, simulate: float | None = None) -> JobSpec:
+    """The spec as its file says it: safe YAML, strict pydantic, relative paths resolved against
+    the spec's own folder; a simulated one not yet moved under <output>/simulated/, so that
+    loading it again (a submitted job on its cluster) moves it once."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -105,8 +113,7 @@ def load_spec(path: Path, simulate: float | None = None) -> JobSpec:
     if spec.inputs.allow:
         allow = [anchor("inputs.allow", root) for root in spec.inputs.allow]
         update["inputs"] = spec.inputs.model_copy(update={"allow": allow})
-    spec = spec.model_copy(update=update)
-    return spec if spec.simulate is None else spec.simulated(spec.simulate)
+    return spec.model_copy(update=update)
 
 
 def next_deadline(text: str, now: dt.datetime | None = None) -> dt.datetime:

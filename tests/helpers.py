@@ -38,6 +38,9 @@ T = TypeVar("T")
 
 # Small enough that one tiny video renders in about a second on one core.
 FAST = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, "decode_chunk_size": 2}
+# Seconds a video on a simulated device, for the tests of orchestration rather than of the model:
+# no MindSpore import or model load per worker, and long enough to stop or kill a job mid-way.
+SIMULATE = 0.5
 
 
 def wait_until(probe: Callable[[], T], what: str, timeout: float = 300, every: float = 0.2) -> T:
@@ -99,6 +102,16 @@ def write_job(folder: Path, rows: list[dict], model: Path, **spec: object) -> Pa
 def results(spec_path: Path) -> pd.DataFrame:
     spec = load_spec(spec_path)
     return read_table(open_storage(spec.metadata_uri)).to_pandas()
+
+
+def simulated_view(spec: Path) -> Path:
+    """A job file whose output is `spec`'s simulated one, for the helpers that read a job's
+    outputs through its file."""
+    document = yaml.safe_load(spec.read_text())
+    document["output"] = load_spec(spec, simulate=1).output
+    view = spec.with_name("simulated-view.yaml")
+    view.write_text(yaml.safe_dump(document))
+    return view
 
 
 def status_counts(spec_path: Path) -> dict[str, int]:

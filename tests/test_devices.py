@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from svd_batch.control import History, JobControl
@@ -32,6 +31,7 @@ from tests.helpers import (
     run_control,
     run_job,
     run_records,
+    simulated_view,
     videos_match_metadata,
     wait_until,
     write_job,
@@ -138,16 +138,6 @@ def test_job_control_tells_a_workers_two_calls_apart_and_a_restart_kills_both() 
     control.begin("w2", 21, ["g"], slot=0)
     assert control.history["f"] == History(deaths=1) and "e" not in control.history
     assert control.in_flight() == [(21, ["g"])]
-
-
-def simulated_view(spec: Path) -> Path:
-    """A job file whose output is `spec`'s simulated one, for the helpers that read a job's
-    outputs through its file."""
-    document = yaml.safe_load(spec.read_text())
-    document["output"] = load_spec(spec, simulate=1).output
-    view = spec.with_name("simulated-view.yaml")
-    view.write_text(yaml.safe_dump(document))
-    return view
 
 
 @pytest.mark.slow

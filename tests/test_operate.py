@@ -18,20 +18,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import psutil
 import pytest
 from pydantic import ValidationError
 
 from svd_batch.driver import EXIT_STOPPED, Job, JobError, deadline_label, load_spec, next_deadline, parse_duration
+from svd_batch.engine import simulated
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
 from tests.helpers import (
     FAST,
+    SIMULATE,
     cli,
     free_port,
     results,
     rows_and_images,
     run_job,
     run_records,
+    simulated_view,
     status_counts,
     wait_until,
     worker_pids,
@@ -130,15 +134,16 @@ def test_an_iso_deadline_needs_its_offset_and_bad_deadlines_say_how_to_write_the
 def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """On simulated devices: draining is the driver's and the workers' logic, not the model's."""
     spec = write_job(tmp_path, rows_and_images(tmp_path, 6), tiny_model, workers={"count": 1, "batch_size": 1})
-    job = Job(load_spec(spec))
+    job = Job(load_spec(spec, simulate=SIMULATE))
     refused: list[str] = []
 
     def drain_and_resubmit(counts: Counter[str], total: int) -> None:
         if counts.get("ok") and not refused:
             job.drain("test drain")
             try:  # a resubmit while the drain runs: the draining run still holds the output
-                Job(load_spec(spec)).start()
+                Job(load_spec(spec, simulate=SIMULATE)).start()
             except JobError as exc:
                 refused.append(str(exc))
 
@@ -146,9 +151,9 @@ def test_drain_finishes_in_flight_rows_and_the_rerun_resumes(
     counts = job.run()
     assert job.stopped == "test drain" and 1 <= counts["ok"] < 6 and counts["left"] == 6 - counts["ok"]
     assert len(refused) == 1 and f"run {job.run_id}" in refused[0] and "holds its lease" in refused[0]
-    df = results(spec)
+    df = results(simulated_view(spec))
     assert set(df.status) == {"ok"}  # rows not started are left for the rerun, not failed
-    again = Job(load_spec(spec)).run()
+    again = Job(load_spec(spec, simulate=SIMULATE)).run()
     assert again == Counter(ok=counts["left"], skipped=counts["ok"])
 
 
@@ -156,13 +161,13 @@ def test_sigterm_drains_and_exits_with_its_own_code(tmp_path: Path, tiny_model: 
     spec = write_job(tmp_path, rows_and_images(tmp_path, 6), tiny_model, workers={"count": 1, "batch_size": 1})
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address],
+        [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address, "--simulate", str(SIMULATE)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    status = Path(load_spec(spec).metadata_uri) / "_status.json"
-    wait_until(lambda: status_counts(spec).get("ok"), "the first ok row in _status.json")
+    status = Path(load_spec(spec, simulate=SIMULATE).metadata_uri) / "_status.json"
+    wait_until(lambda: status_counts(simulated_view(spec)).get("ok"), "the first ok row in _status.json")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err[-2000:]
@@ -215,6 +220,7 @@ def head(folder: Path, path: str, metrics_port: int | None = None, env: dict[str
             f"--dashboard-port={dashboard}",
             "--include-dashboard=true",
             "--num-cpus=4",
+            f"--resources={json.dumps({simulated.RESOURCE: 2})}",  # for the jobs that simulate
             f"--temp-dir={folder}",
             f"--metrics-export-port={metrics_port}",
             *agent_ports,
@@ -228,8 +234,15 @@ def head(folder: Path, path: str, metrics_port: int | None = None, env: dict[str
         wait_until(lambda: _answers(f"{address}/api/version"), "the Ray head's dashboard", timeout=240, every=0.5)
         yield address
     finally:
-        process.send_signal(signal.SIGTERM)
+        # `ray start --block` stops gracefully on SIGTERM, waiting on each of its processes in
+        # turn (about 30 s); a test's head has nothing to keep, so it and all it started are killed.
+        family = psutil.Process(process.pid).children(recursive=True)
+        process.kill()
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         process.wait(timeout=60)
+        psutil.wait_procs(family, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -272,12 +285,13 @@ def test_submit_to_a_head_that_cannot_run_svd_batch_fails_at_once_in_one_line(
     assert f"({bare})" in line and "Start the head from the environment svd-batch is installed in" in line
 
 
-@pytest.mark.slow
-def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_model: Path, ray_head: str) -> None:
+def test_submit_status_and_logs_through_the_jobs_api(tmp_path: Path, tiny_model: Path, ray_head: str) -> None:
+    """On simulated devices (the spec says `simulate`): the Jobs API's promise is the driver's run
+    on the cluster and what status and logs say of it; the model's is every other job test's."""
     with pytest.raises(urllib.error.HTTPError) as refused:  # Ray's token auth is on, and stays on
         urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=10)
     assert refused.value.code == 401
-    spec = write_job(tmp_path / "a", rows_and_images(tmp_path / "a", 2), tiny_model)
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, simulate=SIMULATE)
     done = cli("submit", str(spec), "--address", ray_head)
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.strip().split()[-1]
@@ -290,6 +304,18 @@ def test_submit_status_logs_and_stop_through_the_jobs_api(tmp_path: Path, tiny_m
     assert re.fullmatch(r"ok 2  failed 0  skipped 0  [0-9.]+ videos/min  ETA 0:00:00", said[1]), said
     assert "ok" in logs and "metadata:" in logs
     assert sorted(results(spec).id) == ["q0", "q1"]  # written where the spec said, from the cluster
+
+
+@pytest.mark.slow
+def test_submitted_runs_verify_outputs_end_a_night_with_rows_left_and_stop(
+    tmp_path: Path, tiny_model: Path, ray_head: str
+) -> None:
+    """`make test` submits through the Jobs API in test_submit_status_and_logs_through_the_jobs_api;
+    the run's own flags are covered there by the local runs of test_max_duration_stops_the_job and
+    test_sigterm_drains_and_exits_with_its_own_code."""
+    spec = write_job(tmp_path / "a", rows_and_images(tmp_path / "a", 2), tiny_model)
+    done = cli("submit", str(spec), "--address", ray_head, "--wait", timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
     # A video lost from storage is made again by a submitted run told to verify the outputs.
     gone = Path(results(spec).set_index("id").loc["q0"].mp4_uri.removeprefix("file://"))
     gone.unlink()
