@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 from collections import Counter
@@ -26,6 +28,7 @@ from svd_batch.control import History, JobControl
 from svd_batch.driver import Job, load_spec
 from tests.helpers import (
     FAST,
+    SIMULATE,
     cli,
     free_port,
     make_image,
@@ -137,7 +140,7 @@ def test_changing_a_parameter_rerenders_only_that_row(local_job: Path) -> None:
     assert latest.loc[("b", 0), "params"]["motion_bucket_id"] == 41
 
 
-def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object) -> None:
+def test_s3_manifest_images_output_and_shards(tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object) -> None:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="inputs")
     s3.create_bucket(Bucket="outputs")
@@ -161,6 +164,7 @@ def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_serv
         manifest="s3://inputs/m/manifest.jsonl",
         output="s3://outputs/run",
         inputs={"max_bytes": 100_000},
+        shards={"size": 2},
     )
     assert run_job(spec) == Counter(ok=2, failed=2)
     df = results(spec).set_index("id")
@@ -171,6 +175,13 @@ def test_s3_manifest_images_and_output(tmp_path: Path, tiny_model: Path, s3_serv
     # Refused for its size (which the worker asks S3 for with HEAD, before reading).
     assert "s3://inputs/m/img/big.png is 0.3 MiB, above inputs.max_bytes (0.1 MiB)" in df.loc["big", "error"]
     assert any(o["Key"].startswith("run/metadata/part-") for o in s3.list_objects_v2(Bucket="outputs")["Contents"])
+    # Both ok clips went into one WebDataset shard on S3, each as its video and its JSON.
+    (shard,) = set(df.loc[["x", "y"], "shard_uri"])
+    body = s3.get_object(Bucket="outputs", Key=shard.removeprefix("s3://outputs/"))["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    said = [json.loads(data) for name, data in members.items() if name.endswith(".json")]
+    assert sorted(j["id"] for j in said) == ["x", "y"] and sum(n.endswith(".mp4") for n in members) == 2
 
 
 def test_a_job_that_cannot_be_scheduled_says_so(tmp_path: Path, tiny_model: Path, ray_cluster: object) -> None:
@@ -236,12 +247,12 @@ def test_worker_killed_mid_render_loses_and_duplicates_nothing(
     assert videos_match_metadata(spec)
 
 
-@pytest.mark.slow
 def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_model: Path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    """On simulated devices: what a driver's death loses is the ledger's and the lease's logic."""
     for i in range(8):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
     rows = [{"id": f"d{i}", "image": f"img/{i}.png"} for i in range(8)]
-    spec = write_job(tmp_path, rows, tiny_model, defaults={**FAST, "num_inference_steps": 3})
+    spec = write_job(tmp_path, rows, tiny_model, simulate=SIMULATE)
     address = ray_cluster.get_runtime_context().gcs_address
     driver = subprocess.Popen(
         [sys.executable, "-m", "svd_batch.cli", "run", str(spec), "--address", address],

@@ -394,11 +394,13 @@ def test_estimate_renders_a_sample_of_each_setting_and_costs_each_video_by_its_d
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
     """How close an estimate comes to the run it foresees is a `make bench` figure; here, its
-    logic: samples per setting, and the arithmetic from the stage times it measured."""
+    logic (samples per setting, the arithmetic from the stage times it measured), on simulated
+    devices: the model's time is what the sample measures, whatever it is."""
     rows = rows_and_images(tmp_path, 6)
     for row in rows[3:]:
-        row["num_inference_steps"] = 4  # a second call setting, dearer per video
-    spec = write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 2})
+        row["num_inference_steps"] = 4  # a second call setting
+    workers = {"count": 1, "batch_size": 2}
+    spec = write_job(tmp_path, rows, tiny_model, workers=workers, simulate=SIMULATE)
     tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat(timespec="minutes")
     done = cli("estimate", str(spec), "--json", "--sample", "4", "--deadline", tomorrow, "--cpus-per-device", "8")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -419,7 +421,7 @@ def test_estimate_renders_a_sample_of_each_setting_and_costs_each_video_by_its_d
     assert run_job(spec) == Counter(ok=6)
 
     rows.append({"id": "more", "image": "img/0.png", "num_inference_steps": 4})
-    write_job(tmp_path, rows, tiny_model, workers={"count": 1, "batch_size": 2})
+    write_job(tmp_path, rows, tiny_model, workers=workers, simulate=SIMULATE)
     soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat(timespec="seconds")
     said = cli("estimate", str(spec), "--deadline", soon).stdout  # only the row the run left
     assert "1 videos left in 1 setting(s); 1 rendered on one worker" in said
