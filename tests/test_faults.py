@@ -14,11 +14,12 @@ import boto3
 import pandas as pd
 import pytest
 
+from svd_batch.driver import load_spec
 from svd_batch.ledger import latest, run_history
 from svd_batch.metadata import MetadataWriter, read_table
 from svd_batch.schema import RESULT_SCHEMA
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
-from tests.helpers import FaultyS3, cli, make_image, rows_and_images, status_counts, wait_until, write_job
+from tests.helpers import SIMULATE, FaultyS3, cli, make_image, rows_and_images, status_counts, wait_until, write_job
 
 
 @pytest.fixture
@@ -40,8 +41,8 @@ def _latest(metadata_uri: str) -> pd.DataFrame:
     return latest(read_table(open_storage(metadata_uri))).to_pandas().set_index(["id", "video_index"])
 
 
-def _videos_in(s3_server: str, bucket: str) -> set[str]:
-    listing = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket, Prefix="out/videos/")
+def _videos_in(s3_server: str, bucket: str, prefix: str = "out/videos/") -> set[str]:
+    listing = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket, Prefix=prefix)
     return {f"s3://{bucket}/{o['Key']}" for o in listing.get("Contents", [])}
 
 
@@ -173,25 +174,26 @@ def test_a_job_spec_cannot_run_code(tmp_path: Path, tiny_model: Path) -> None:
 def test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video(
     tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
 ) -> None:
+    """On a simulated device: what a failed upload leaves is the worker's storage logic."""
     bucket = _bucket(s3_server)
     spec = write_job(
         tmp_path,
         rows_and_images(tmp_path, 1),
         tiny_model,
         output=f"s3://{bucket}/out",
-        metadata=str(tmp_path / "meta"),
         formats=["mp4", "gif"],
+        simulate=SIMULATE,
     )
     proxy.refuse_puts = ".gif"  # the mp4 goes up, then S3 refuses the gif
     job = _run(spec, proxy, attempts=2)
     _, err = job.communicate(timeout=600)
     assert job.returncode == 1, err[-2000:]
-    row = _latest(str(tmp_path / "meta")).iloc[0]
+    row = _latest(load_spec(spec).metadata_uri).iloc[0]
     assert row.status == "failed" and row.error_stage == "output" and row.error_type == "StorageError"
     assert "AccessDenied" in row.error and not row.retryable  # a 403 will not pass by itself
     assert row.mp4_uri is None and row.gif_uri is None
     assert any(p.endswith(".mp4") for p in proxy.puts)  # it was uploaded, and then deleted:
-    assert _videos_in(s3_server, bucket) == set()
+    assert _videos_in(s3_server, bucket, "out/simulated/videos/") == set()
 
 
 def test_a_driver_killed_during_its_final_compaction_is_resumed_by_rerunning(

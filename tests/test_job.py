@@ -140,7 +140,9 @@ def test_changing_a_parameter_rerenders_only_that_row(local_job: Path) -> None:
     assert latest.loc[("b", 0), "params"]["motion_bucket_id"] == 41
 
 
-def test_s3_manifest_images_output_and_shards(tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object) -> None:
+def test_s3_manifest_images_output_and_shards(
+    tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object
+) -> None:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="inputs")
     s3.create_bucket(Bucket="outputs")

@@ -16,6 +16,7 @@ import pytest
 from svd_batch.driver import Job, JobError, load_spec
 from svd_batch.report import build
 from tests.helpers import (
+    SIMULATE,
     cli,
     latest_results,
     results,
@@ -31,7 +32,7 @@ from tests.helpers import (
 def test_a_report_after_three_reruns_shows_every_video_and_the_run_history(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
-    spec = write_job(tmp_path, rows_and_images(tmp_path, 3), tiny_model)
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 3), tiny_model, simulate=SIMULATE)
     assert run_job(spec) == Counter(ok=3)
     for _ in range(3):
         assert run_job(spec) == Counter(skipped=3)
@@ -55,14 +56,14 @@ def test_a_report_after_three_reruns_shows_every_video_and_the_run_history(
 def test_a_stalled_run_is_made_by_the_next_plain_run(tmp_path: Path, tiny_model: Path, ray_cluster: object) -> None:
     rows = rows_and_images(tmp_path, 2)
     workers = {"count": 1, "resources": {"nope": 1}, "no_progress_timeout_s": 5}
-    spec = write_job(tmp_path, rows, tiny_model, workers=workers)
+    spec = write_job(tmp_path, rows, tiny_model, workers=workers, simulate=SIMULATE)
     job = Job(load_spec(spec))
     assert job.run() == Counter(failed=2)
     assert job.failures == Counter({("worker", "Stalled", True): 2})  # what the run's summary lists
     failed = latest_results(spec)
     assert (failed.error_stage == "worker").all() and (failed.error_type == "Stalled").all()
     assert failed.retryable.all() and failed.error.str.contains("no worker made progress for 5 s").all()
-    spec = write_job(tmp_path, rows, tiny_model)  # the cluster is "fixed": no impossible resource
+    spec = write_job(tmp_path, rows, tiny_model, simulate=SIMULATE)  # the cluster is "fixed": no impossible resource
     assert run_job(spec) == Counter(ok=2)  # no --retry-failed: a stall is no fault of the rows
     assert (latest_results(spec).status == "ok").all()
 
@@ -80,7 +81,7 @@ def test_hostile_manifest_lines_fail_their_own_rows_and_the_rest_render(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
     rows = rows_and_images(tmp_path, 2)
-    spec = write_job(tmp_path, rows, tiny_model)
+    spec = write_job(tmp_path, rows, tiny_model, simulate=SIMULATE)
     manifest = tmp_path / "manifest.jsonl"
     good = [json.dumps(r).encode() for r in rows]
     manifest.write_bytes(b"\n".join([good[0], *BAD_LINES, good[1]]) + b"\n")
@@ -123,7 +124,7 @@ def test_hostile_csv_and_parquet_rows_fail_their_own_rows(tmp_path: Path, tiny_m
 def test_a_corrupt_part_is_named_once_and_its_rows_are_made_again(
     tmp_path: Path, tiny_model: Path, ray_cluster: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    spec = write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model)
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, simulate=SIMULATE)
     assert run_job(spec) == Counter(ok=2)
     meta = Path(load_spec(spec).metadata_uri)
     (meta / "part-x-00000.parquet").write_text("junk\n")
