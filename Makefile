@@ -14,7 +14,7 @@ PIP := --disable-pip-version-check -qq
 REFERENCE := $(VENV)/torch-reference
 REFERENCE_STAMP := $(REFERENCE)/.installed
 
-.PHONY: setup reference browser demo test test-full bench lint format clean
+.PHONY: setup reference browser demo test test-all test-full bench lint format clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,14 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The fast tier, before every change (about 10 minutes); a test marked slow names the one here
+# that covers its promise. Both tiers print their 15 slowest tests (addopts: --durations=15).
 test: setup reference browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not full"
+
+# Everything but the full-size architecture: what CI runs (.ci/run).
+test-all: setup reference browser
+	$(PY) -m pytest -q -m "not full"
 
 # The full-size architecture: builds the svd-xt preset once (9 GB of disk), then renders it.
 test-full: setup reference

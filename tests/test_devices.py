@@ -144,6 +144,9 @@ def test_job_control_tells_a_workers_two_calls_apart_and_a_restart_kills_both() 
 def test_a_simulated_run_writes_under_simulated_and_leaves_the_real_outputs_untouched(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` runs jobs on simulated devices and reads their outputs under simulated/
+    (test_job.py::test_driver_killed_mid_job_is_resumed_by_rerunning and others); this one also
+    checks a real job's outputs beside them are untouched."""
     rows = rows_and_images(tmp_path, 2)
     spec = write_job(tmp_path, rows, tiny_model, shards={"size": 2})
     assert run_job(spec) == Counter(ok=2)
@@ -170,7 +173,6 @@ def test_a_simulated_run_writes_under_simulated_and_leaves_the_real_outputs_unto
     assert set(record.cpu_s_per_video) == {"score", "encode", "upload"}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("calls", [1, 2])
 def test_a_device_runs_ahead_of_its_cpu_work_by_at_most_its_calls(
     tmp_path: Path, tiny_model: Path, ray_cluster: object, calls: int
@@ -189,7 +191,6 @@ def test_a_device_runs_ahead_of_its_cpu_work_by_at_most_its_calls(
         assert record.frames_peak_mb > batch_mb + 0.1
 
 
-@pytest.mark.slow
 def test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those_rows(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:

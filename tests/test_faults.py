@@ -83,6 +83,10 @@ def test_metadata_commits_wait_out_an_outage(proxy: FaultyS3, monkeypatch: pytes
 
 @pytest.mark.slow
 def test_s3_slowdown_is_retried_with_backoff(tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str) -> None:
+    """`make test` writes to a real S3 server in test_job.py::test_s3_manifest_images_output_and_shards
+    and fails an upload through the faulty S3 hop in
+    test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video; the retries
+    themselves are boto3's."""
     bucket = _bucket(s3_server)
     spec = write_job(tmp_path, rows_and_images(tmp_path, 4), tiny_model, output=f"s3://{bucket}/out")
     proxy.slowdown_every = 3  # one request in three is throttled, metadata and videos alike
@@ -99,6 +103,10 @@ def test_s3_slowdown_is_retried_with_backoff(tmp_path: Path, tiny_model: Path, p
 def test_s3_stopped_mid_job_fails_rows_that_a_rerun_makes(
     tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
 ) -> None:
+    """`make test` covers a failed upload failing only its row in
+    test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video, metadata commits
+    waiting out an outage in test_metadata_commits_wait_out_an_outage, and retry on rerun in
+    test_job.py::test_rerun_renders_nothing_done_and_retry_failed_retries."""
     bucket = _bucket(s3_server)
     rows = rows_and_images(tmp_path, 6)
     spec = write_job(
@@ -196,9 +204,13 @@ def test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video(
     assert _videos_in(s3_server, bucket, "out/simulated/videos/") == set()
 
 
+@pytest.mark.slow
 def test_a_driver_killed_during_its_final_compaction_is_resumed_by_rerunning(
     tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
 ) -> None:
+    """`make test` kills a driver mid-job and reruns it in
+    test_job.py::test_driver_killed_mid_job_is_resumed_by_rerunning (the lease taken over, every row
+    once); this one kills it during its last write, to S3."""
     bucket = _bucket(s3_server)
     rows = rows_and_images(tmp_path, 3)
     spec = write_job(

@@ -294,7 +294,11 @@ def test_nan_frames_in_fp16_are_rendered_again_in_fp32(tiny_model: Path, tmp_pat
     assert {p.dtype for p in worker.model.pipe.unet.get_parameters()} == {mindspore.float16}
 
 
+@pytest.mark.slow
 def test_black_frames_fail_after_the_fp32_retry_and_are_never_encoded(tiny_model: Path, tmp_path: Path) -> None:
+    """`make test` renders bad fp16 frames again in fp32 in
+    test_nan_frames_in_fp16_are_rendered_again_in_fp32; this one also fails the row when fp32 is bad
+    too."""
     model = _model_variant(tiny_model, tmp_path / "m", _black)
     for dtype, reason in (
         ("fp16", "render: OutputError: every frame is black; again in fp32: every frame is black"),

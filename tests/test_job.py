@@ -227,6 +227,10 @@ def test_unknown_spec_key_and_unreachable_storage_exit_2(tmp_path: Path, tiny_mo
 def test_worker_killed_mid_render_loses_and_duplicates_nothing(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` kills a worker mid-job in
+    test_devices.py::test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those_rows
+    (simulated devices: nothing lost, nothing made twice); this one kills a worker running the real
+    model."""
     for i in range(8):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
     rows = [{"id": f"r{i}", "image": f"img/{i}.png"} for i in range(8)]
@@ -331,6 +335,9 @@ def test_job_control_counts_deaths_per_row_in_flight() -> None:
 def test_a_row_that_kills_its_worker_every_time_fails_alone(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` covers the deaths charged to the row on the device in
+    test_job_control_counts_deaths_per_row_in_flight and
+    test_devices.py::test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those_rows."""
     import ray
 
     rows = rows_and_images(tmp_path, 4)
@@ -368,6 +375,9 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
 def test_a_row_past_its_timeout_restarts_the_worker_and_fails_retryably(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` covers how a timed-out row is charged in
+    test_job_control_counts_deaths_per_row_in_flight and a worker's restart in
+    test_devices.py::test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those_rows."""
     slow, fine = rows_and_images(tmp_path, 2)
     rows = [{**slow, "id": "slow", "num_inference_steps": 1000}, {**fine, "id": "fine"}]  # slow: minutes, here
     # One row a call: the slow row times out alone (with batch-mates the worker first finds the

@@ -64,6 +64,9 @@ def scenario(spec_path: str) -> None:
 
 @pytest.mark.slow
 def test_node_removed_mid_job_every_row_ok(tmp_path: Path, tiny_model: Path) -> None:
+    """`make test` covers a worker lost mid-job in
+    test_devices.py::test_a_worker_killed_with_a_batch_written_and_one_rendering_loses_just_those_rows;
+    losing a whole node (and the actors Ray placed on it) needs a cluster of its own."""
     for i in range(8):
         make_image(tmp_path / "img" / f"{i}.png", seed=i)
     rows = [{"id": f"n{i}", "image": f"img/{i}.png"} for i in range(8)]

@@ -274,7 +274,10 @@ def wait_for(job_id: str, address: str, states: set[str], timeout: float = 600) 
 def test_submit_to_a_head_that_cannot_run_svd_batch_fails_at_once_in_one_line(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> None:
-    """The README's trap: a head started as .venv/bin/ray start, the venv not activated."""
+    """`make test` submits to a head that can in test_submit_status_and_logs_through_the_jobs_api; this
+    one needs a second head of its own.
+
+    The README's trap: a head started as .venv/bin/ray start, the venv not activated."""
     bare = ":".join(d for d in os.environ["PATH"].split(":") if d and not (Path(d) / "svd-batch").exists())
     spec = write_job(tmp_path, rows_and_images(tmp_path, 1), tiny_model)
     with head(tmp_path_factory.mktemp("rayhead"), bare) as address:  # a short path: Ray's sockets live there
@@ -357,6 +360,10 @@ def scrape(port: int) -> dict[str, float]:
 def test_a_jobs_metrics_are_on_the_heads_prometheus_endpoint_under_the_names_the_dashboard_uses(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> None:
+    """`make test` has no Prometheus scrape: it needs a head of its own with metrics export, a job and
+    a worker restart (about 2.5 min). The figures the metrics report are the ones `make test` checks
+    in the run records and `_status.json` (test_devices.py,
+    test_operate.py::test_submit_status_and_logs_through_the_jobs_api)."""
     board = json.loads((Path(__file__).parents[1] / "cluster" / "grafana" / "svd-batch.json").read_text())
     queries = " ".join(t["expr"] for panel in board["panels"] for t in panel["targets"])
     used = set(re.findall(r"ray_svd_batch_\w+", queries))

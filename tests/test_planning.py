@@ -121,9 +121,14 @@ def test_planning_on_ray_data_equals_the_plain_reading_row_for_row(
     assert survey(str(path)).duplicates.size == 39 * 10 + 2  # every later copy of the 10 ids, and a, d
 
 
+@pytest.mark.slow
 def test_a_long_manifest_renders_while_it_is_planned_and_a_limit_leaves_the_rest(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` covers planning on Ray Data in
+    test_planning_on_ray_data_equals_the_plain_reading_row_for_row, results coming back call by call
+    in test_a_batch_reaches_the_driver_when_its_call_ends_not_when_the_next_one_does, and a limit
+    leaving rows in test_operate.py::test_max_duration_stops_the_job."""
     make_image(tmp_path / "cat.png")
     rows = 200_000
     with (tmp_path / "m.jsonl").open("w") as out:

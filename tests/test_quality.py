@@ -17,9 +17,12 @@ def videos(folder: Path) -> set[str]:
     return {str(p) for p in (folder / "outputs" / "videos").rglob("*.mp4")}
 
 
+@pytest.mark.slow
 def test_gated_rows_end_ok_or_rejected_within_max_tries_and_rejected_is_done_until_gates_change(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` runs a gated job, its clips ok or rejected, in
+    test_shards.py::test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read."""
     rows = rows_and_images(tmp_path, 3)
     spec = write_job(tmp_path, rows, tiny_model, quality={"min_motion": NEVER, "max_tries": 2})
     assert run_job(spec) == Counter(rejected=3)
@@ -43,10 +46,15 @@ def test_gated_rows_end_ok_or_rejected_within_max_tries_and_rejected_is_done_unt
     assert {u.removeprefix("file://") for u in again.mp4_uri} == videos(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_row_that_misses_a_gate_is_rendered_again_with_its_next_seed_until_it_passes(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
-    """Gates set between a row's first two clips: the first misses, the second passes."""
+    """`make test` runs a gated job in
+    test_shards.py::test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read,
+    whose rows are rendered again with their next seeds up to max_tries.
+
+    Gates set between a row's first two clips: the first misses, the second passes."""
     rows = rows_and_images(tmp_path, 3)
     spec = write_job(tmp_path, rows, tiny_model, quality={"min_motion": NEVER, "max_tries": 2})
     run_job(spec)

@@ -136,9 +136,13 @@ def test_a_corrupt_part_is_named_once_and_its_rows_are_made_again(
     assert len(warned) == 2 and any("part-x-00000.parquet" in w for w in warned)
 
 
+@pytest.mark.slow
 def test_adding_a_format_writes_only_what_is_missing_and_new_weights_make_new_videos(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` covers a key following what makes its video in
+    test_job.py::test_changing_a_parameter_rerenders_only_that_row; this one adds a format and
+    changes the weights."""
     from safetensors.numpy import load_file, save_file
 
     model = tmp_path / "model"
@@ -168,9 +172,13 @@ def test_adding_a_format_writes_only_what_is_missing_and_new_weights_make_new_vi
     assert len(made) == 2 and set(made.key).isdisjoint(first.key)
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_render_nothing_twice_and_the_second_names_the_first(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` refuses a second run while the first holds the lease in
+    test_operate.py::test_drain_finishes_in_flight_rows_and_the_rerun_resumes, and the lease's logic
+    in test_ledger.py."""
     spec = write_job(tmp_path, rows_and_images(tmp_path, 4), tiny_model, workers={"count": 1, "batch_size": 1})
     first = Job(load_spec(spec))
     done: list[Counter[str]] = []

@@ -149,6 +149,11 @@ def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_
 def test_a_worker_killed_with_an_open_shard_loses_only_its_rows_and_no_sample_is_in_two_shards(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """`make test` writes shards in
+    test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read and to S3
+    in test_job.py::test_s3_manifest_images_output_and_shards, and checks a dead worker's shard
+    folder goes in
+    test_the_local_folder_of_a_killed_worker_goes_with_the_next_shard_and_an_ending_workers_with_it."""
     rows = rows_and_images(tmp_path, 7)
     spec = write_job(tmp_path, rows, tiny_model, formats=[], shards={"size": 3}, workers={"count": 1, "batch_size": 1})
     job = Job(load_spec(spec))
