@@ -41,7 +41,8 @@ def resolve(address: str | None) -> str:
     return address
 
 
-def _wait_for_answer(host_port: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+def _wait_for_answer(host_port: str) -> None:
+    timeout = CONNECT_TIMEOUT_S
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"--address {host_port} is not HOST:PORT (or auto); e.g. --address 10.0.0.10:6379")

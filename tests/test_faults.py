@@ -151,11 +151,11 @@ def test_credentials_never_reach_logs_status_metadata_or_report(
     bucket = _bucket(s3_server)
     rows = [{"id": "ok", "image": "img/0.png"}, {"id": "gone", "image": f"s3://{bucket}/no/such.png"}]
     make_image(tmp_path / "img" / "0.png")
-    spec = write_job(tmp_path, rows, tiny_model, output=f"s3://{bucket}/run")
+    spec = write_job(tmp_path, rows, tiny_model, output=f"s3://{bucket}/run", simulate=SIMULATE)
     address = ray_cluster.get_runtime_context().gcs_address
     done = cli("run", str(spec), "--address", address, timeout=600)
     assert done.returncode == 1, done.stderr[-2000:]  # one row failed, and says so
-    assert cli("report", f"s3://{bucket}/run").returncode == 0
+    assert cli("report", load_spec(spec).output).returncode == 0
     seen = {"cli output": done.stdout + done.stderr}
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for obj in s3.list_objects_v2(Bucket=bucket)["Contents"]:  # status, Parquet parts, report, videos

@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from svd_batch import cluster
+from svd_batch.cluster import ClusterError
 from svd_batch.control import History, JobControl
 from svd_batch.driver import Job, load_spec
 from tests.helpers import (
@@ -285,6 +287,23 @@ def test_driver_killed_mid_job_is_resumed_by_rerunning(tmp_path: Path, tiny_mode
     assert videos_match_metadata(spec)
 
 
+def test_a_dead_heads_address_left_by_ray_start_fails_in_one_line_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an earlier `ray start` leaves behind when its head has gone: Ray's own default would
+    retry "Failed to connect to GCS" without end."""
+    dead = f"127.0.0.1:{free_port()}"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)  # the wait, not what ends it, is 30 s
+    with pytest.raises(ClusterError) as failed:
+        cluster.resolve("auto")
+    assert f"the Ray cluster at {dead} does not answer" in str(failed.value) and "drop --address" in str(failed.value)
+    assert cluster.resolve(None) == "local"  # no address: a private local cluster, never that head
+
+
+@pytest.mark.slow
 def test_local_runs_never_join_a_dead_head_and_unreachable_addresses_fail_fast(
     tmp_path: Path, tiny_model: Path
 ) -> None:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from svd_batch.driver import Job, JobError, load_spec
 from svd_batch.notify import redact
 from svd_batch.schema import NotifySpec
-from tests.helpers import rows_and_images, run_records, write_job
+from tests.helpers import SIMULATE, rows_and_images, run_records, write_job
 
 SECRET = "T0KEN-s3cr3t"
 
@@ -63,7 +63,7 @@ def test_the_summary_is_posted_when_a_run_finishes_and_when_it_stops(
     rows = [*rows_and_images(tmp_path, 3), {"id": "broken", "image": "img/text.png"}]
     (tmp_path / "img" / "text.png").write_text("not an image")
     hook = receiver.url(f"/hooks/{SECRET}?token={SECRET}")
-    spec = write_job(tmp_path, rows, tiny_model, notify={"webhook": hook})
+    spec = write_job(tmp_path, rows, tiny_model, notify={"webhook": hook}, simulate=SIMULATE)
     job = Job(load_spec(spec))
     assert job.run() == Counter(ok=3, failed=1)
     ((path, kind, summary),) = receiver.received
