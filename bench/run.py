@@ -20,6 +20,8 @@ table says when each section last ran.
 9 devices    simulated devices, N = 1 to 64, at SVD-XT's full size and a small one: videos/s,
              efficiency, device busy, CPU seconds per video by stage, driver RSS, object
              store peak, with the worker as it was (render, then write) beside (bench/devices.py)
+10 startup   seconds from `svd-batch run`'s launch to the first video on a fresh 1M-row
+             manifest, and a worker's start part by part (bench/startup.py)
 """
 
 from __future__ import annotations
@@ -293,17 +295,8 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "jsonl") -> dict[str, Any]:
-    """A job on a synthetic manifest, in a fresh process so its peak RSS is its own. `every`:
-    an earlier run made all rows but each every-th (0: all of them; None: no earlier run).
-    mode plan: planning alone (the run is stopped before it starts); first: until the first
-    video is committed; run: a whole run. kind parquet: the same rows as a Parquet manifest
-    in row groups of 64k rows (pieces are whole row groups: one group of 1M rows, pyarrow's
-    default size, would be one piece)."""
-    import shutil
-
-    from svd_batch.driver import load_spec
-
+def manifest_folder(rows: int) -> Path:
+    """A folder with a synthetic manifest of `rows` rows over 1,000 images, made once."""
     folder = WORK / f"plan-{rows}"
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
@@ -318,6 +311,22 @@ def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "
             for i in range(rows):
                 f.write(json.dumps({"id": f"row-{i:08d}", "image": f"img/{i % 1000}.png", "tags": {"shard": i % 64}}))
                 f.write("\n")
+    return folder
+
+
+def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "jsonl") -> dict[str, Any]:
+    """A job on a synthetic manifest, in a fresh process so its peak RSS is its own. `every`:
+    an earlier run made all rows but each every-th (0: all of them; None: no earlier run).
+    mode plan: planning alone (the run is stopped before it starts); first: until the first
+    video is committed; run: a whole run. kind parquet: the same rows as a Parquet manifest
+    in row groups of 64k rows (pieces are whole row groups: one group of 1M rows, pyarrow's
+    default size, would be one piece)."""
+    import shutil
+
+    from svd_batch.driver import load_spec
+
+    folder = manifest_folder(rows)
+    manifest = folder / "manifest.jsonl"
     if kind == "parquet" and not (folder / "manifest.parquet").exists():
         import pyarrow.json as pj
         import pyarrow.parquet as pq
@@ -460,7 +469,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("jobs", "planning", "metadata", "loading", "scoring", "devices")
+SECTIONS = ("jobs", "planning", "metadata", "loading", "scoring", "devices", "startup")
 PLANNING: list[tuple[Any, ...]] = [  # name, rows, mode, done (all but each every-th row; 0: all; None: none)[, kind]
     ("plan_100k", 100_000, "plan", 100),
     ("plan_1m", 1_000_000, "plan", 100),
@@ -510,6 +519,10 @@ def main(sections: list[str]) -> None:
         from bench import devices
 
         results["devices"] = devices.run(WORK, SAMPLER)
+    if "startup" in sections:
+        from bench import startup
+
+        results["startup"] = startup.run(model, PARAMS, manifest_folder(1_000_000), ROOT)
     ran.update(dict.fromkeys(sections, results["machine"]["date"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest.write_text(json.dumps(results, indent=2, default=str))
@@ -585,8 +598,14 @@ def _devices_rows(r: dict[str, Any]) -> list[str]:
     return devices.rows(r["devices"], r["machine"]["cores"])
 
 
+def _startup_rows(r: dict[str, Any]) -> list[str]:
+    from bench import startup
+
+    return startup.rows(r["startup"])
+
+
 ROWS_OF = {"jobs": _jobs_rows, "planning": _planning_rows, "metadata": _metadata_rows, "loading": _loading_rows,
-           "scoring": _scoring_rows, "devices": _devices_rows}  # fmt: skip
+           "scoring": _scoring_rows, "devices": _devices_rows, "startup": _startup_rows}  # fmt: skip
 
 
 def table(r: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from helpers import FAST, make_image, status_counts, wait_until, write_job
 
 from svd_batch.driver import EXIT_STOPPED, load_spec
 from svd_batch.ledger import KeySet, Progress
@@ -19,6 +18,7 @@ from svd_batch.manifest import Piece, cut, read_raw, survey
 from svd_batch.plan import Planner
 from svd_batch.planning import items_from_table, plan_dataset, prepare
 from svd_batch.schema import JobSpec, ManifestRow
+from tests.helpers import FAST, SIMULATE, make_image, status_counts, wait_until, write_job
 
 LINES = [
     '{"id": "a", "image": "img/a.png"}',
@@ -171,13 +171,14 @@ def test_a_batch_reaches_the_driver_when_its_call_ends_not_when_the_next_one_doe
 ) -> None:
     """Ray Data's prefetcher hands on a block only once the next one is ready: the results of
     one call would wait for the next call (a whole batch late to the ledger, and to the first
-    video). The second batch here is held until the first one's rows have come back."""
+    video). The second batch here is held until the first one's rows have come back. On a
+    simulated device: the stream's timing is Ray Data's, not the model's."""
     import ray
 
     from svd_batch.render import render, start_control
 
     spec_path = write_job(tmp_path, [{"id": f"r{n}", "image": "cat.png"} for n in range(2)], tiny_model,
-                          workers={"count": 1, "batch_size": 1})  # fmt: skip
+                          workers={"count": 1, "batch_size": 1}, simulate=SIMULATE)  # fmt: skip
     make_image(tmp_path / "cat.png")
     spec = load_spec(spec_path)
     control = start_control("hold", draining=False)
