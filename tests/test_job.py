@@ -419,8 +419,10 @@ def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
     tiny_model: Path,
     ray_cluster,  # type: ignore[no-untyped-def]
 ) -> None:
+    """On a simulated device: what a run prints is the driver's; a worker's own output never
+    reaches it (Ray's log_to_driver is off), whatever the model prints."""
     make_image(tmp_path / "img" / "0.png")
-    spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model)
+    spec = write_job(tmp_path, [{"id": "a", "image": "img/0.png"}], tiny_model, simulate=SIMULATE)
     address = ray_cluster.get_runtime_context().gcs_address
     done = cli("run", str(spec), "--address", address, "--max-duration", "1h", env={"COLUMNS": "160"}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -430,8 +432,8 @@ def test_a_run_prints_its_progress_summary_and_locations_and_nothing_else(
         r"t [━ ]+ 1/1 ok 1  failed 0  skipped 0  [0-9.]+ videos/min  ETA 0:00:00  ends before the 1h limit",
         r" *t  run \S+",  # the summary table's title, its four rules and two rows
         *[r"[┏┃┡│└].*"] * 5,
-        rf"videos:   {tmp_path}/outputs",
-        rf"metadata: {tmp_path}/outputs/metadata",
+        rf"videos:   {tmp_path}/outputs/simulated",
+        rf"metadata: {tmp_path}/outputs/simulated/metadata",
     ]
     assert len(lines) == len(expected) and all(re.fullmatch(p, s) for p, s in zip(expected, lines, strict=True)), lines
 

@@ -95,7 +95,7 @@ def test_a_run_that_cannot_start_still_tells_and_a_refusing_receiver_costs_nothi
     assert summary["state"] == "failed" and summary["exit_code"] == 2 and "model.path" in summary["error"]
 
     receiver.status = 500  # a receiver that is down: asked three times, then a warning; the run is fine
-    spec = write_job(tmp_path, rows_and_images(tmp_path, 1), tiny_model, notify={"webhook": hook})
+    spec = write_job(tmp_path, rows_and_images(tmp_path, 1), tiny_model, notify={"webhook": hook}, simulate=SIMULATE)
     with caplog.at_level(logging.WARNING, logger="svd_batch.notify"):
         assert Job(load_spec(spec)).run() == Counter(ok=1)
     assert len(receiver.received) == 4  # the notice of the first run, then three attempts at this one's
