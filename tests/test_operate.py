@@ -427,10 +427,13 @@ def test_estimate_renders_a_sample_of_each_setting_and_costs_each_video_by_its_d
     assert "CPU cores for its scores, encode and upload, and has 0.01" in starved.stderr
     assert run_job(spec) == Counter(ok=6)
 
-    rows.append({"id": "more", "image": "img/0.png", "num_inference_steps": 4})
+    rows += [{"id": f"more{i}", "image": "img/0.png", "num_inference_steps": 4} for i in range(60)]
     write_job(tmp_path, rows, tiny_model, workers=workers, simulate=SIMULATE)
-    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat(timespec="seconds")
-    # Only the row the run left; starved of CPU, its video takes longer than the deadline leaves.
-    said = cli("estimate", str(spec), "--deadline", soon, "--cpus-per-device", "0.01").stdout
-    assert "1 videos left in 1 setting(s); 1 rendered on one worker" in said
+    # A minute ahead (not passed by the time the command reads it), and only the rows the run
+    # left; starved of CPU (0.01 cores a device), their videos take far longer than that.
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)).isoformat(timespec="seconds")
+    done = cli("estimate", str(spec), "--deadline", soon, "--cpus-per-device", "0.01")
+    said = done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "60 videos left in 1 setting(s); 1 rendered on one worker" in said
     assert ": missed (" in said, said
