@@ -2,7 +2,7 @@
 
 Everything runs in one go on this machine with the tiny model, and is printed as a table and
 written to bench/results/latest.json. Nothing here is asserted: the numbers are reported.
-`python -m bench.run planning` (or jobs, scoring, metadata, loading) runs some sections only, and the
+`python -m bench.run planning` (or jobs, scoring, metadata, loading, devices, startup) runs some sections only, and the
 table says when each section last ran.
 
 1 overhead   1-worker job (Ray, encode, upload) vs a bare in-process loop over the same rows
