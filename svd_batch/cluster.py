@@ -42,7 +42,7 @@ def resolve(address: str | None) -> str:
 
 
 def _wait_for_answer(host_port: str) -> None:
-    timeout = CONNECT_TIMEOUT_S
+    timeout = CONNECT_TIMEOUT_S  # read when called, not when defined: a unit test shortens it
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"--address {host_port} is not HOST:PORT (or auto); e.g. --address 10.0.0.10:6379")
