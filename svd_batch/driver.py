@@ -63,10 +63,9 @@ class JobError(RuntimeError):
 
 
 def load_spec(path: Path, simulate: float | None = None) -> JobSpec:
-    """The job as it runs: `written_spec`, on simulated devices where it says `simulate`.
-    `simulate`: seconds per video of a simulated device (the spec's own `simulate` otherwise)."""
-    spec = written_spec(path, simulate)
-    return spec if spec.simulate is None else spec.simulated(spec.simulate)
+    """The job as it runs (`written_spec`'s `as_run`). `simulate`: seconds per video of a
+    simulated device (the spec's own `simulate` otherwise)."""
+    return written_spec(path, simulate).as_run()
 
 
 def written_spec(path: Path, simulate: float | None = None) -> JobSpec:

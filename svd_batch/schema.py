@@ -313,6 +313,10 @@ class JobSpec(Strict):
         """What a done key has committed: every format, and its shard (the `<name>_uri` columns)."""
         return [*self.formats, *(["shard"] if self.shards else [])]
 
+    def as_run(self) -> JobSpec:
+        """The job as it runs: on simulated devices where it says `simulate`."""
+        return self if self.simulate is None else self.simulated(self.simulate)
+
     def simulated(self, seconds: float) -> JobSpec:
         """The job on simulated devices: everything it writes (videos, shards, metadata, run
         records, report) goes under <output>/simulated/, never beside real outputs."""

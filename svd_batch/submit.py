@@ -38,7 +38,7 @@ def package(spec_path: Path, into: Path) -> str:
     """Copy the spec, every path in it made absolute, and a local manifest, into a folder the
     Jobs API uploads: relative paths would resolve against Ray's temporary working dir.
     Returns where the run's metadata goes (its `_status.json` is there)."""
-    from svd_batch.driver import load_spec, written_spec
+    from svd_batch.driver import written_spec
 
     spec = written_spec(spec_path)
     update: dict[str, str] = {}
@@ -49,7 +49,7 @@ def package(spec_path: Path, into: Path) -> str:
         update = {"manifest": source.name, "manifest_base": spec.manifest_base or str(source.parent)}
     shipped = spec.model_copy(update=update).model_dump(mode="json", exclude_defaults=True)
     (into / "job.yaml").write_text(yaml.safe_dump(shipped, sort_keys=False))
-    return load_spec(spec_path).metadata_uri
+    return spec.as_run().metadata_uri
 
 
 # A job's entrypoint runs in a shell with the head's PATH, which need not be the environment
