@@ -179,13 +179,13 @@ def test_a_device_runs_ahead_of_its_cpu_work_by_at_most_its_calls(
 ) -> None:
     """A fast device and slow CPU work (large frames to score and encode): the device is held
     back, and the frames a worker holds stay within `calls` batches."""
-    rows = rows_and_images(tmp_path, 8)
-    size = {"height": 256, "width": 448, "num_frames": 14}
+    rows = rows_and_images(tmp_path, 6)
+    size = {"height": 256, "width": 448, "num_frames": 8}
     workers = {"count": 1, "batch_size": 2, "calls": calls}
     spec = write_job(tmp_path, rows, tiny_model, defaults=size, workers=workers)
-    assert Job(load_spec(spec, simulate=0.01)).run() == Counter(ok=8)
+    assert Job(load_spec(spec, simulate=0.01)).run() == Counter(ok=6)
     (record,) = run_records(simulated_view(spec))
-    batch_mb = 2 * 256 * 448 * 14 * 3 / 2**20
+    batch_mb = 2 * 256 * 448 * 8 * 3 / 2**20
     assert record.frames_peak_mb <= calls * batch_mb + 0.1
     if calls == 2:  # the next batch rendered while the last one was written
         assert record.frames_peak_mb > batch_mb + 0.1

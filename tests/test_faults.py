@@ -15,10 +15,13 @@ import pandas as pd
 import pytest
 
 from svd_batch.driver import load_spec
+from svd_batch.engine.simulated import FINGERPRINT
 from svd_batch.ledger import latest, run_history
 from svd_batch.metadata import MetadataWriter, read_table
-from svd_batch.schema import RESULT_SCHEMA
+from svd_batch.plan import Planner
+from svd_batch.schema import RESULT_SCHEMA, ManifestRow
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
+from svd_batch.worker import RowWorker
 from tests.helpers import SIMULATE, FaultyS3, cli, make_image, rows_and_images, status_counts, wait_until, write_job
 
 
@@ -180,23 +183,25 @@ def test_a_job_spec_cannot_run_code(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_a_row_whose_gif_upload_fails_after_its_mp4_keeps_no_uri_and_no_video(
-    tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str
+    tmp_path: Path, tiny_model: Path, proxy: FaultyS3, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a simulated device: what a failed upload leaves is the worker's storage logic."""
+    """A worker in this process on a simulated device, its S3 behind the faulty hop: what a failed
+    upload leaves is the worker's storage logic (the driver commits the row it hands back as any)."""
     bucket = _bucket(s3_server)
-    spec = write_job(
-        tmp_path,
-        rows_and_images(tmp_path, 1),
-        tiny_model,
-        output=f"s3://{bucket}/out",
-        formats=["mp4", "gif"],
+    path = write_job(
+        tmp_path, rows_and_images(tmp_path, 1), tiny_model, output=f"s3://{bucket}/out", formats=["mp4", "gif"],
         simulate=SIMULATE,
-    )
+    )  # fmt: skip
+    spec = load_spec(path)
+    (item,) = Planner(spec, spec.manifest, "r1", FINGERPRINT).resolve(ManifestRow(id="q0", image="img/0.png"), 1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     proxy.refuse_puts = ".gif"  # the mp4 goes up, then S3 refuses the gif
-    job = _run(spec, proxy, attempts=2)
-    _, err = job.communicate(timeout=600)
-    assert job.returncode == 1, err[-2000:]
-    row = _latest(load_spec(spec).metadata_uri).iloc[0]
+    _s3_client.cache_clear()
+    try:
+        (row,) = RowWorker(spec).process([item.work_item()])
+    finally:
+        _s3_client.cache_clear()
     assert row.status == "failed" and row.error_stage == "output" and row.error_type == "StorageError"
     assert "AccessDenied" in row.error and not row.retryable  # a 403 will not pass by itself
     assert row.mp4_uri is None and row.gif_uri is None

@@ -46,20 +46,33 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def local_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_cluster: object) -> Path:
-    folder = tmp_path_factory.mktemp("job")
+def _local_rows(folder: Path) -> list[dict]:
     for i in range(3):
         make_image(folder / "img" / f"{i}.png", seed=i)
     (folder / "img" / "text.png").write_text("not an image")
-    rows = [
+    return [
         {"id": "a", "image": "img/0.png", "tags": {"k": "v"}, "caption": "a red fox", "src": {"url": "x", "n": 1}},
         {"id": "b", "image": "img/1.png", "motion_bucket_id": 40},
         {"id": "c", "image": "img/2.png", "seed": 99, "num_videos_per_prompt": 2},
         {"id": "bad-image", "image": "img/text.png"},
         {"id": "bad-field", "image": "img/0.png", "motion_bucket": 3},
     ]
-    spec = write_job(folder, rows, tiny_model, passthrough=["src"])
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_cluster: object) -> Path:
+    folder = tmp_path_factory.mktemp("job")
+    spec = write_job(folder, _local_rows(folder), tiny_model, passthrough=["src"])
+    assert run_job(spec) == Counter(ok=4, failed=2)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def rerun_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, ray_cluster: object) -> Path:
+    """local_job's rows on simulated devices: what a rerun skips, retries or renders again is
+    the ledger's logic, and each rerun of a real job would load the model again only to decide it."""
+    folder = tmp_path_factory.mktemp("rerun")
+    spec = write_job(folder, _local_rows(folder), tiny_model, passthrough=["src"], simulate=SIMULATE)
     assert run_job(spec) == Counter(ok=4, failed=2)
     return spec
 
@@ -126,19 +139,19 @@ def test_metadata_reads_as_one_dataset_everywhere(local_job: Path) -> None:
     assert count == (6,)
 
 
-def test_rerun_renders_nothing_done_and_retry_failed_retries(local_job: Path) -> None:
+def test_rerun_renders_nothing_done_and_retry_failed_retries(rerun_job: Path) -> None:
     # the invalid manifest row is reported on every run until the manifest is fixed
-    assert run_job(local_job) == Counter(skipped=5, failed=1)
-    assert run_job(local_job, retry_failed=True) == Counter(skipped=4, failed=2)
+    assert run_job(rerun_job) == Counter(skipped=5, failed=1)
+    assert run_job(rerun_job, retry_failed=True) == Counter(skipped=4, failed=2)
 
 
-def test_changing_a_parameter_rerenders_only_that_row(local_job: Path) -> None:
-    manifest = local_job.parent / "manifest.jsonl"
+def test_changing_a_parameter_rerenders_only_that_row(rerun_job: Path) -> None:
+    manifest = rerun_job.parent / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     rows[1]["motion_bucket_id"] = 41
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run_job(local_job) == Counter(ok=1, skipped=4, failed=1)
-    latest = results(local_job).sort_values("run_id").groupby(["id", "video_index"]).last()
+    assert run_job(rerun_job) == Counter(ok=1, skipped=4, failed=1)
+    latest = results(rerun_job).sort_values("run_id").groupby(["id", "video_index"]).last()
     assert latest.loc[("b", 0), "params"]["motion_bucket_id"] == 41
 
 

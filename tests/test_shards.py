@@ -21,7 +21,7 @@ from svd_batch.metadata import MetadataWriter, rows_to_table
 from svd_batch.schema import ResultRow
 from svd_batch.shards import OpenShard, member_name, reconcile
 from svd_batch.storage import open_storage
-from tests.helpers import results, rows_and_images, run_job, wait_until, worker_pids, write_job
+from tests.helpers import SIMULATE, results, rows_and_images, run_job, wait_until, worker_pids, write_job
 
 MEMBERS = ["input.jpg", "json", "mp4", "poster.jpg"]
 NEVER = 1e9  # a motion no clip has
@@ -106,6 +106,8 @@ def test_reconcile_deletes_shards_no_row_names_and_indexes_the_rest(tmp_path: Pa
 def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
+    """On simulated devices: gates, retries and shards are the worker's logic on real frames of
+    the right size; the S3 job of test_job.py writes shards from the real model."""
     import ray
     import webdataset as wds
 
@@ -115,7 +117,7 @@ def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_
     rows[2]["caption"] = "a caption"
     spec = write_job(
         tmp_path, rows, tiny_model, formats=[], shards={"size": 2}, quality={"max_tries": 2},
-        workers={"count": 2, "batch_size": 1},
+        workers={"count": 2, "batch_size": 1}, simulate=SIMULATE,
     )  # fmt: skip
     assert run_job(spec) == Counter(ok=4, rejected=2)
     df = results(spec)
