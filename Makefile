@@ -14,7 +14,7 @@ PIP := --disable-pip-version-check -qq
 REFERENCE := $(VENV)/torch-reference
 REFERENCE_STAMP := $(REFERENCE)/.installed
 
-.PHONY: setup reference browser demo test test-all test-full bench lint format clean
+.PHONY: setup reference browser demo test test-all test-full bench chaos lint format clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ test-full: setup reference
 
 bench: setup
 	$(PY) -m bench.run
+
+# Nights of faults against a real job (not part of make test): seeds 1-5, or SEED=N to replay one.
+# Each writes chaos/results/<seed>.json; a violation fails.
+chaos: setup
+	$(PY) -m chaos.run $(if $(SEED),--seed $(SEED))
 
 lint: setup
 	$(VENV)/bin/ruff check .

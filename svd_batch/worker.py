@@ -106,7 +106,9 @@ class RowWorker:
         self._loads_reported = False
         self.shard: OpenShard | None = None  # the spec's `shards`: this worker's open shard
         self._committed: list[ResultRow] = []  # rows of shards committed (or failed to), not handed over yet
-        self._sharded: set[int] = set()  # id() of the rows handed to a shard, so not handed back with their call
+        # The rows handed to a shard, by id(), until their own call settles: never handed back
+        # with it. Held, not just their ids: no other row can take an id while it is listed.
+        self._sharded: dict[int, ResultRow] = {}
 
     def process(
         self, items: Sequence[WorkItem], attempt: int = 1, on_device: Callable[[], None] | None = None
@@ -169,9 +171,10 @@ class RowWorker:
         committed since the last call). The rows in the open shard are neither: they are
         handed over when their shard is committed, and lost with it."""
         with self._lock:
-            now = [row for row in rows if id(row) not in self._sharded]
+            # A row's own call decides it, even when another call committed its shard and
+            # handed it over first (calls run in threads): each row is handed over once.
+            now = [row for row in rows if self._sharded.pop(id(row), None) is None]
             committed, self._committed = self._committed, []
-            self._sharded.difference_update(id(row) for row in committed)
             return now, committed
 
     @property
@@ -367,7 +370,7 @@ class RowWorker:
             if self.shard is None:
                 self.shard = OpenShard(self.storage, p.item.run_id, self.spec.shards.size)
             self.shard.add(p.row, members)
-            self._sharded.add(id(p.row))
+            self._sharded[id(p.row)] = p.row
             if self.shard.full:
                 self._commit_shard()
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import svd_batch  # noqa: F401  (sets the protobuf implementation before anything imports it)
-from tests.helpers import free_port, wait_until
+from chaos.proxy import free_port
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SVD_BATCH_CACHE", str(ROOT / ".cache"))

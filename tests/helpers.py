@@ -5,23 +5,18 @@ Test modules import from here only, never from each other; fixtures live in conf
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -73,12 +68,6 @@ def rows_and_images(folder: Path, n: int) -> list[dict]:
     for i in range(n):
         make_image(folder / "img" / f"{i}.png", seed=i)
     return [{"id": f"q{i}", "image": f"img/{i}.png"} for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_job(folder: Path, rows: list[dict], model: Path, **spec: object) -> Path:
@@ -265,112 +254,3 @@ def write_images(folder: Path) -> dict[str, str | None]:
         "plain.bmp": None,
         "missing.png": "does not exist",
     }
-
-
-# --- an S3 endpoint that breaks the way S3 breaks -------------------------------------------
-
-SLOW_DOWN = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-    b"<Message>Please reduce your request rate.</Message><RequestId>proxy</RequestId></Error>"
-)
-ACCESS_DENIED = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-    b"<Message>Access Denied</Message><RequestId>proxy</RequestId></Error>"
-)
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
-
-
-class FaultyS3:
-    """A real HTTP hop in front of the test S3 server.
-
-    It forwards every request to the real server, except that it can throttle (every n-th
-    request answered `503 SlowDown`, as S3 does under load) and can go away and come back
-    (`stop()` closes its port: connections are refused, like a server that is down).
-    """
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = urlparse(upstream)
-        self.port = free_port()
-        self.slowdown_every = 0  # 0: never throttle
-        self.seen = 0
-        self.throttled = 0
-        self.attempts: list[str] = []  # botocore's amz-sdk-request header: "attempt=2; max=8"
-        self.puts: list[str] = []  # paths of successful PUTs
-        self.refuse_puts = ""  # PUTs of paths ending so are answered 403 AccessDenied
-        self.hold_puts = ""  # PUTs of paths ending so hang until `release` is set, then get a 503
-        self.held: list[str] = []
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _throttle(self) -> bool:
-        with self._lock:
-            self.seen += 1
-            if self.slowdown_every and self.seen % self.slowdown_every == 0:
-                self.throttled += 1
-                return True
-            return False
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # botocore's Expect: 100-continue needs it
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-                self.send_response(status)
-                for name, value in headers:
-                    if name.lower() not in HOP_BY_HOP:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                # No kept-alive connections: when the proxy stops, every client must reconnect.
-                self.send_header("Connection", "close")
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-                self.close_connection = True
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.attempts.append(self.headers.get("amz-sdk-request", ""))
-                if proxy._throttle():
-                    self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
-                    return
-                if proxy.refuse_puts and self.command == "PUT" and self.path.endswith(proxy.refuse_puts):
-                    self._answer(403, [("Content-Type", "application/xml")], ACCESS_DENIED)
-                    return
-                if proxy.hold_puts and self.command == "PUT" and self.path.endswith(proxy.hold_puts):
-                    proxy.held.append(self.path)
-                    proxy.release.wait()
-                    self._answer(503, [("Content-Type", "application/xml")], SLOW_DOWN)
-                    return
-                upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                data = response.read()
-                upstream.close()
-                if self.command == "PUT" and response.status == 200:
-                    proxy.puts.append(self.path)
-                self._answer(response.status, response.getheaders(), data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-        return Handler

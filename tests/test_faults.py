@@ -14,6 +14,7 @@ import boto3
 import pandas as pd
 import pytest
 
+from chaos.proxy import FaultyS3
 from svd_batch.driver import load_spec
 from svd_batch.engine.simulated import FINGERPRINT
 from svd_batch.ledger import latest, run_history
@@ -22,7 +23,7 @@ from svd_batch.plan import Planner
 from svd_batch.schema import RESULT_SCHEMA, ManifestRow
 from svd_batch.storage import S3Storage, StorageError, _s3_client, open_storage
 from svd_batch.worker import RowWorker
-from tests.helpers import SIMULATE, FaultyS3, cli, make_image, rows_and_images, status_counts, wait_until, write_job
+from tests.helpers import SIMULATE, cli, make_image, rows_and_images, status_counts, wait_until, write_job
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chaos.proxy import free_port
 from svd_batch import cluster
 from svd_batch.cluster import ClusterError
 from svd_batch.control import History, JobControl
@@ -32,7 +33,6 @@ from tests.helpers import (
     FAST,
     SIMULATE,
     cli,
-    free_port,
     make_image,
     results,
     rows_and_images,

@@ -22,6 +22,7 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
+from chaos.proxy import free_port
 from svd_batch.driver import EXIT_STOPPED, Job, JobError, deadline_label, load_spec, next_deadline, parse_duration
 from svd_batch.engine import simulated
 from svd_batch.plan import Planner
@@ -30,7 +31,6 @@ from tests.helpers import (
     FAST,
     SIMULATE,
     cli,
-    free_port,
     results,
     rows_and_images,
     run_job,

@@ -17,10 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from svd_batch.driver import Job, load_spec
+from svd_batch.engine.simulated import FINGERPRINT
 from svd_batch.metadata import MetadataWriter, rows_to_table
-from svd_batch.schema import ResultRow
+from svd_batch.plan import Planner
+from svd_batch.schema import ManifestRow, ResultRow
 from svd_batch.shards import OpenShard, member_name, reconcile
 from svd_batch.storage import open_storage
+from svd_batch.worker import RowWorker
 from tests.helpers import SIMULATE, results, rows_and_images, run_job, wait_until, worker_pids, write_job
 
 MEMBERS = ["input.jpg", "json", "mp4", "poster.jpg"]
@@ -101,6 +104,24 @@ def test_reconcile_deletes_shards_no_row_names_and_indexes_the_rest(tmp_path: Pa
     assert [p.as_uri() for p in (tmp_path / "out" / "shards").glob("*.tar")] == [rows[0].shard_uri]
     index = pq.read_table(tmp_path / "out" / "shards" / "index.parquet").to_pylist()
     assert [(i["shard"], i["member"], i["key"]) for i in index] == [(r.shard_uri, r.shard_member, r.key) for r in rows]
+
+
+def test_a_shard_committed_in_one_call_hands_the_other_calls_row_over_once(tmp_path: Path, tiny_model: Path) -> None:
+    """Two calls in a worker's threads: the first's row waits in the open shard, the second's
+    fills and commits it, and the second settles first. Found by the chaos run (seed 2): the
+    first call then handed its row back again, so the ledger held it twice, in two parts."""
+    spec = load_spec(write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, shards={"size": 2}, simulate=0.01))
+    planner = Planner(spec, spec.manifest, "r1", FINGERPRINT)
+    first, second = (
+        planner.resolve(ManifestRow(id=f"q{i}", image=f"img/{i}.png"), i + 1)[0].work_item() for i in (0, 1)
+    )
+    worker = RowWorker(spec)
+    mine = worker.process([first])  # in the open shard: held
+    theirs = worker.process([second])  # fills the shard, which is committed
+    now, committed = worker.settle(theirs)
+    assert now == [] and sorted(r.id for r in committed) == ["q0", "q1"]
+    assert worker.settle(mine) == ([], [])  # q0 went with its shard, and only with it
+    assert len({r.shard_uri for r in committed}) == 1 and all(r.status == "ok" for r in committed)
 
 
 def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read(
