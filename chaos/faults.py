@@ -117,7 +117,7 @@ def second_run(world: World, rng: random.Random) -> str | None:
     driver = world.driver
     if driver is None or driver.poll() is not None:
         return None
-    second = world.start_driver()
+    second = world.start_driver(capture=True)
     _, err = second.communicate(timeout=600)
     said = next((line for line in err.splitlines() if line.startswith("error:")), "")
     return f"a second run started beside pid {driver.pid}: exit {second.returncode} {said[:160]}"

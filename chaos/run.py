@@ -33,7 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 LOOK_EVERY_S = 0.5
 
 
-def night(seed: int, rows: int, faults: int, limit_s: float) -> dict[str, Any]:
+def night(seed: int, rows: int, faults: int, limit_s: float, results: Path = RESULTS) -> dict[str, Any]:
     schedule = draw(seed, faults)
     print(f"seed {seed}: {rows} rows, {len(schedule)} faults", flush=True)
     for fault in schedule:
@@ -84,12 +84,12 @@ def night(seed: int, rows: int, faults: int, limit_s: float) -> dict[str, Any]:
         "log": log,
         "replay": f"make chaos SEED={seed}",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
     if verdict.violations:  # what storage held, to find the interleaving without replaying it
         assert verdict.ledger is not None
-        pq.write_table(verdict.ledger, RESULTS / f"{seed}-ledger.parquet")
-        (RESULTS / f"{seed}-shards.json").write_text(json.dumps(verdict.shards, indent=1) + "\n")
+        pq.write_table(verdict.ledger, results / f"{seed}-ledger.parquet")
+        (results / f"{seed}-shards.json").write_text(json.dumps(verdict.shards, indent=1) + "\n")
     return result
 
 
@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--faults", type=int, default=24)
     parser.add_argument("--limit", type=float, default=900, help="seconds a night may take before it fails")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where <seed>.json goes")
     args = parser.parse_args(argv)
     if args.seed is None:  # each night in a process of its own: its own cluster, S3 server and clients
         sizes = ["--rows", str(args.rows), "--faults", str(args.faults), "--limit", str(args.limit)]
+        sizes += ["--results", str(args.results)]
         failed = [
             seed
             for seed in range(1, args.seeds + 1)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.seeds - len(failed)} of {args.seeds} nights passed" + (f"; failed: {failed}" if failed else ""))
         return 1 if failed else 0
     logging.getLogger("svd_batch").setLevel(logging.ERROR)  # the checker names what it finds itself
-    result = night(args.seed, args.rows, args.faults, args.limit)
+    result = night(args.seed, args.rows, args.faults, args.limit, args.results)
     shown = ("videos", "ok", "rejected", "lost", "duplicated", "orphans", "rendered_again")
     print(f"seed {args.seed}: {'passed' if result['passed'] else 'FAILED'} in {result['wall_s']} s, "
           f"{result['faults']} faults {result['faults_by_kind']}, {result['driver_starts']} driver starts, "

@@ -176,16 +176,20 @@ class World:
     def manifest_ids(self) -> list[str]:
         return [json.loads(line)["id"] for line in (self.folder / "manifest.jsonl").read_text().splitlines()]
 
-    def start_driver(self) -> subprocess.Popen[str]:
-        """`svd-batch run` as a user starts it, on the cluster, its S3 through the proxy."""
+    def start_driver(self, capture: bool = False) -> subprocess.Popen[str]:
+        """`svd-batch run` as a user starts it, on the cluster, its S3 through the proxy. Its
+        output goes to a log file in the job's folder (a pipe nobody reads would block it), or,
+        `capture`, to pipes the caller reads."""
         assert self.proxy is not None
+        log = open(self.folder / f"driver-{len(self.drivers)}.log", "w")  # noqa: SIM115 (the child's)
         process = subprocess.Popen(
             [sys.executable, "-m", "svd_batch.cli", "run", str(self.spec_path), "--address", self.address],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if capture else log,
+            stderr=subprocess.PIPE if capture else subprocess.STDOUT,
             text=True,
             env={**os.environ, "AWS_ENDPOINT_URL": self.proxy.endpoint},
         )
+        log.close()
         self.drivers.append(process)
         return process
 

@@ -320,17 +320,21 @@ class RowWorker:
             video.recovery.append(f"out of memory in decode; decode_chunk_size {planned} -> {video.decode_chunk_size}")
         row.recovery = "; ".join(video.recovery) or None
         if upload:
-            self._upload(p, video, to_shard=status == Status.ok)
+            self._upload(p, video, status)
+        else:
+            self._complete(row, status)
+
+    def _complete(self, row: ResultRow, status: Status) -> None:
         if row.error_stage is None:
             row.status, row.error, row.ended_at = status, None, _now()
             self.cpu.made()
 
-    def _upload(self, p: _Prepared, video: RenderedVideo, to_shard: bool) -> None:
+    def _upload(self, p: _Prepared, video: RenderedVideo, status: Status) -> None:
         row = p.row
         for column, uri in p.item.kept.items():  # made by an earlier run: kept, not written again
             setattr(row, column, uri)
         missing = [fmt for fmt in self.spec.formats if f"{fmt}_uri" not in p.item.kept]
-        to_shard = to_shard and self.spec.shards is not None and "shard_uri" not in p.item.kept
+        to_shard = status == Status.ok and self.spec.shards is not None and "shard_uri" not in p.item.kept
         uploaded: list[str] = []
         fps = p.item.params.export_fps
         try:
@@ -350,9 +354,12 @@ class RowWorker:
                             uploaded.append(key)
                         uri = self.storage.uri(keys[0])
                         setattr(row, f"{fmt}_uri", uri if fmt != "png" else uri.rsplit("/", 1)[0] + "/")
+                    row.upload_s = time.perf_counter() - started
+                    # Complete before it joins the shard: a call in another thread may fill the
+                    # shard, commit it and hand its rows over at once.
+                    self._complete(row, status)
                     if to_shard:
                         self._to_shard(p, video, sample[0])
-                row.upload_s = time.perf_counter() - started
         except Exception as exc:
             self._fail(p, Stage.output, exc)
             self._discard(row, uploaded)

@@ -124,6 +124,29 @@ def test_a_shard_committed_in_one_call_hands_the_other_calls_row_over_once(tmp_p
     assert len({r.shard_uri for r in committed}) == 1 and all(r.status == "ok" for r in committed)
 
 
+def test_every_row_is_complete_when_its_shard_is_committed_for_another_call_may_hand_it_over(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos run (seed 1): the call that filled a shard committed it before its own
+    row was complete, and another call handed that row over at once: 'failed', no error, no
+    end time, in the ledger."""
+    spec = load_spec(write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, shards={"size": 2}, simulate=0.01))
+    planner = Planner(spec, spec.manifest, "r1", FINGERPRINT)
+    items = [planner.resolve(ManifestRow(id=f"q{i}", image=f"img/{i}.png"), i)[0].work_item() for i in (0, 1)]
+    seen: list[tuple[str, str, object]] = []
+    commit = OpenShard.commit
+
+    def watched(shard: OpenShard) -> list[ResultRow]:
+        seen.extend((r.id, r.status, r.ended_at) for r in shard.rows)  # what a settle could take now
+        return commit(shard)
+
+    monkeypatch.setattr(OpenShard, "commit", watched)
+    worker = RowWorker(spec)
+    for item in items:
+        worker.process([item])
+    assert [(i, status) for i, status, _ in seen] == [("q0", "ok"), ("q1", "ok")] and all(e for _, _, e in seen)
+
+
 def test_a_gated_job_writes_only_its_ok_clips_as_shards_that_webdataset_and_ray_data_read(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
