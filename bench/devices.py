@@ -38,7 +38,7 @@ def peak_bytes():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
 
-context = ray.init(num_cpus=2, resources={RESOURCE: 64}, include_dashboard=False, log_to_driver=False)
+context = ray.init(address="local", num_cpus=2, resources={RESOURCE: 64}, include_dashboard=False, log_to_driver=False)
 sampler = subprocess.Popen([sys.executable, "-c", sys.argv[3], context.address_info["gcs_address"]],
                            stdout=subprocess.PIPE, text=True)
 job = Job(load_spec(Path(sys.argv[1]), simulate=float(sys.argv[2])))

@@ -203,7 +203,7 @@ import svd_batch
 import ray
 from pathlib import Path
 from svd_batch.driver import Job, load_spec
-context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 mode, first = sys.argv[2], []
 sampler = subprocess.Popen([sys.executable, "-c", sys.argv[3], context.address_info["gcs_address"]],
                            stdout=subprocess.PIPE, text=True)
@@ -501,7 +501,13 @@ def main(sections: list[str]) -> None:
         results["bare_batch4_vps"] = bare_loop(model, 4)
         from svd_batch import WORKER_ENV
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
         results["job_1w"] = job_run(model, 1, 4)
         results["job_2w"] = job_run(model, 2, 4)
         ray.shutdown()

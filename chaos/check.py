@@ -16,6 +16,7 @@ from pathlib import Path
 
 import boto3
 import imageio.v2 as imageio
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -100,12 +101,9 @@ def _ledger(meta: Storage, broken: set[str], verdict: Verdict) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _shards(output: Storage, ok: object, verdict: Verdict) -> int:
+def _shards(output: Storage, ok: pd.DataFrame, verdict: Verdict) -> int:
     """Every ok video once across the shards, in the shard its row names, decodable; returns
     the shards and samples no row names."""
-    import pandas as pd
-
-    assert isinstance(ok, pd.DataFrame)
     named = set(zip(ok.shard_uri, ok.shard_member, strict=True))
     seen: Counter[str] = Counter()
     found: set[tuple[str, str]] = set()

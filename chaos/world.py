@@ -200,11 +200,12 @@ class World:
     # --- what is there -----------------------------------------------------------------------
 
     def workers(self) -> list[psutil.Process]:
-        """The job's Ray Data workers, on every node (all are on this machine)."""
+        """The job's Ray Data workers, on every node: descendants of this process (its cluster's
+        raylets started them), never those of another job or test suite on this machine."""
         found = []
-        for process in psutil.process_iter(["cmdline"]):
+        for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "SpecRayWorker" in " ".join(process.info["cmdline"] or []) and process.status() != "zombie":
+                if "SpecRayWorker" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process)
         return found
 

@@ -80,6 +80,7 @@ def ray_cluster(s3_server: str):  # type: ignore[no-untyped-def]
     # 2 real cores; 4 logical CPUs leave room for Ray Data's own tasks beside 2 workers. Simulated
     # devices for the jobs run with `simulate`, as `svd-batch run --simulate` has them locally.
     ray.init(
+        address="local",  # never a cluster that `ray start` (or a chaos run) left on this machine
         num_cpus=4,
         resources={RESOURCE: 16},
         include_dashboard=False,
