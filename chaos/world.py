@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +46,10 @@ def _answers(endpoint: str) -> bool:
     return True
 
 
-def wait(probe: object, what: str, timeout: float = 120, every: float = 0.2) -> None:
+def wait(probe: Callable[[], bool], what: str, timeout: float = 120, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if probe():  # type: ignore[operator]
+        if probe():
             return
         time.sleep(every)
     raise RuntimeError(f"gave up after {timeout:.0f} s waiting for {what}")
