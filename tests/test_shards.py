@@ -20,7 +20,7 @@ from svd_batch.driver import Job, load_spec
 from svd_batch.engine.simulated import FINGERPRINT
 from svd_batch.metadata import MetadataWriter, rows_to_table
 from svd_batch.plan import Planner
-from svd_batch.schema import ManifestRow, ResultRow
+from svd_batch.schema import ManifestRow, ResultRow, WorkItem
 from svd_batch.shards import OpenShard, member_name, reconcile
 from svd_batch.storage import open_storage
 from svd_batch.worker import RowWorker
@@ -106,16 +106,19 @@ def test_reconcile_deletes_shards_no_row_names_and_indexes_the_rest(tmp_path: Pa
     assert [(i["shard"], i["member"], i["key"]) for i in index] == [(r.shard_uri, r.shard_member, r.key) for r in rows]
 
 
+def _worker_and_two_rows(tmp_path: Path, tiny_model: Path) -> tuple[RowWorker, list[WorkItem]]:
+    """A simulated worker whose shards hold two samples, and two rows' work items."""
+    spec = load_spec(write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, shards={"size": 2}, simulate=0.01))
+    planner = Planner(spec, spec.manifest, "r1", FINGERPRINT)
+    items = [planner.resolve(ManifestRow(id=f"q{i}", image=f"img/{i}.png"), i + 1)[0].work_item() for i in (0, 1)]
+    return RowWorker(spec), items
+
+
 def test_a_shard_committed_in_one_call_hands_the_other_calls_row_over_once(tmp_path: Path, tiny_model: Path) -> None:
     """Two calls in a worker's threads: the first's row waits in the open shard, the second's
     fills and commits it, and the second settles first. Found by the chaos run (seed 2): the
     first call then handed its row back again, so the ledger held it twice, in two parts."""
-    spec = load_spec(write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, shards={"size": 2}, simulate=0.01))
-    planner = Planner(spec, spec.manifest, "r1", FINGERPRINT)
-    first, second = (
-        planner.resolve(ManifestRow(id=f"q{i}", image=f"img/{i}.png"), i + 1)[0].work_item() for i in (0, 1)
-    )
-    worker = RowWorker(spec)
+    worker, (first, second) = _worker_and_two_rows(tmp_path, tiny_model)
     mine = worker.process([first])  # in the open shard: held
     theirs = worker.process([second])  # fills the shard, which is committed
     now, committed = worker.settle(theirs)
@@ -130,9 +133,7 @@ def test_every_row_is_complete_when_its_shard_is_committed_for_another_call_may_
     """Found by the chaos run (seed 1): the call that filled a shard committed it before its own
     row was complete, and another call handed that row over at once: 'failed', no error, no
     end time, in the ledger."""
-    spec = load_spec(write_job(tmp_path, rows_and_images(tmp_path, 2), tiny_model, shards={"size": 2}, simulate=0.01))
-    planner = Planner(spec, spec.manifest, "r1", FINGERPRINT)
-    items = [planner.resolve(ManifestRow(id=f"q{i}", image=f"img/{i}.png"), i)[0].work_item() for i in (0, 1)]
+    worker, items = _worker_and_two_rows(tmp_path, tiny_model)
     seen: list[tuple[str, str, object]] = []
     commit = OpenShard.commit
 
@@ -141,7 +142,6 @@ def test_every_row_is_complete_when_its_shard_is_committed_for_another_call_may_
         return commit(shard)
 
     monkeypatch.setattr(OpenShard, "commit", watched)
-    worker = RowWorker(spec)
     for item in items:
         worker.process([item])
     assert [(i, status) for i, status, _ in seen] == [("q0", "ok"), ("q1", "ok")] and all(e for _, _, e in seen)
