@@ -2,8 +2,8 @@
 
 Everything runs in one go on this machine with the tiny model, and is printed as a table and
 written to bench/results/latest.json. Nothing here is asserted: the numbers are reported.
-`python -m bench.run planning` (or jobs, scoring, metadata, loading, devices, startup) runs some sections only, and the
-table says when each section last ran.
+`python -m bench.run planning` (or jobs, scoring, metadata, loading, devices, startup, datasets) runs some
+sections only, and the table says when each section last ran.
 
 1 overhead   1-worker job (Ray, encode, upload) vs a bare in-process loop over the same rows
 2 busy       the run record's device_busy: time inside device calls / each worker's span of them
@@ -22,6 +22,8 @@ table says when each section last ran.
              store peak, with the worker as it was (render, then write) beside (bench/devices.py)
 10 startup   seconds from `svd-batch run`'s launch to the first video on a fresh 1M-row
              manifest, and a worker's start part by part (bench/startup.py)
+11 datasets  a fresh 1M-sample WebDataset manifest (100 shards, small images and captions)
+             beside the 1M-row JSONL manifest of files: planning's rate and the first video
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def _done_metadata(spec: Any, every: int) -> int:
 
     weights = fingerprint(spec.model.path, check_model_dir(spec.model.path))
     # Built once per manifest, model and share done (10M rows take minutes), then copied in.
-    cached = Path(spec.manifest).parent / f"done-{every}-{weights[:12]}.parquet"
+    home = Path(spec.manifest) if Path(spec.manifest).is_dir() else Path(spec.manifest).parent  # shards: a folder
+    cached = home / f"done-{every}-{weights[:12]}.parquet"
     if cached.exists():
         shutil.copy(cached, Path(spec.metadata_uri) / "part-earlier-all.parquet")
         return pq.ParquetFile(cached).metadata.num_rows
@@ -314,13 +317,44 @@ def manifest_folder(rows: int) -> Path:
     return folder
 
 
+SHARD_SAMPLES = 10_000  # img2dataset's default
+
+
+def shards_folder(rows: int) -> Path:
+    """`rows` samples as WebDataset shards of SHARD_SAMPLES (a 16x16 JPEG and a caption each,
+    over 1,000 pictures), made once: the dataset form of manifest_folder's rows."""
+    import io
+    import tarfile
+
+    from jobs.demo.make_inputs import picture
+
+    folder = WORK / f"wds-{rows}"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    jpegs = []
+    for i in range(1000):
+        data = io.BytesIO()
+        picture(i, (16, 16)).save(data, "JPEG")
+        jpegs.append(data.getvalue())
+    for shard in range(-(-rows // SHARD_SAMPLES)):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for n in range(shard * SHARD_SAMPLES, min(rows, (shard + 1) * SHARD_SAMPLES)):
+                for extension, data in (("jpg", jpegs[n % 1000]), ("txt", f"picture {n}".encode())):
+                    member = tarfile.TarInfo(f"{n:09d}.{extension}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    (folder / "done").touch()
+    return folder
+
+
 def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "jsonl") -> dict[str, Any]:
     """A job on a synthetic manifest, in a fresh process so its peak RSS is its own. `every`:
     an earlier run made all rows but each every-th (0: all of them; None: no earlier run).
     mode plan: planning alone (the run is stopped before it starts); first: until the first
     video is committed; run: a whole run. kind parquet: the same rows as a Parquet manifest
     in row groups of 64k rows (pieces are whole row groups: one group of 1M rows, pyarrow's
-    default size, would be one piece)."""
+    default size, would be one piece); webdataset: the rows as shards (shards_folder)."""
     import shutil
 
     from svd_batch.driver import load_spec
@@ -332,12 +366,14 @@ def planning(model: Path, rows: int, mode: str, every: int | None, kind: str = "
         import pyarrow.parquet as pq
 
         pq.write_table(pj.read_json(manifest), folder / "manifest.parquet", row_group_size=65536)
+    if kind == "webdataset":
+        folder = shards_folder(rows)
     spec_path = folder / "job.yaml"
     spec_path.write_text(
         json.dumps(
             {
                 "name": "plan",
-                "manifest": f"manifest.{kind}",
+                "manifest": "." if kind == "webdataset" else f"manifest.{kind}",
                 "output": "out",
                 "model": {"path": str(model)},
                 "defaults": PARAMS,
@@ -469,7 +505,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("jobs", "planning", "metadata", "loading", "scoring", "devices", "startup")
+SECTIONS = ("jobs", "planning", "metadata", "loading", "scoring", "devices", "startup", "datasets")
 PLANNING: list[tuple[Any, ...]] = [  # name, rows, mode, done (all but each every-th row; 0: all; None: none)[, kind]
     ("plan_100k", 100_000, "plan", 100),
     ("plan_1m", 1_000_000, "plan", 100),
@@ -478,6 +514,14 @@ PLANNING: list[tuple[Any, ...]] = [  # name, rows, mode, done (all but each ever
     ("first_1k", 1_000, "first", None),  # the same job on a small manifest: worker start and first call
     ("first_1m", 1_000_000, "first", None),
     ("rerun_1m", 1_000_000, "run", 0),
+]
+DATASETS: list[tuple[Any, ...]] = [  # the same, side by side: files in a JSONL manifest, and shards
+    # A rerun of a finished job: planning reads every row (every sample), makes its keys and
+    # finds them done; a stopped run would leave the shards unread.
+    ("rerun_1m_files", 1_000_000, "run", 0),
+    ("rerun_1m_shards", 1_000_000, "run", 0, "webdataset"),
+    ("first_1m_files", 1_000_000, "first", None),
+    ("first_1m_shards", 1_000_000, "first", None, "webdataset"),
 ]
 
 
@@ -515,6 +559,10 @@ def main(sections: list[str]) -> None:
         results["scoring"] = scoring(model)
     if "planning" in sections:
         for name, *point in PLANNING:
+            results[name] = planning(model, *point)
+            print(name, json.dumps(results[name]), flush=True)
+    if "datasets" in sections:
+        for name, *point in DATASETS:
             results[name] = planning(model, *point)
             print(name, json.dumps(results[name]), flush=True)
     if "metadata" in sections:
@@ -604,6 +652,22 @@ def _devices_rows(r: dict[str, Any]) -> list[str]:
     return devices.rows(r["devices"], r["machine"]["cores"])
 
 
+def _datasets_rows(r: dict[str, Any]) -> list[str]:
+    files, shards = r["rerun_1m_files"], r["rerun_1m_shards"]
+    rate = [p["rows"] / p["seconds"] for p in (files, shards)]
+    first = [r[name]["first_video_s"] for name in ("first_1m_files", "first_1m_shards")]
+    return [
+        f"| 11 a rerun of a finished 1M-row job (every row read, keyed, found done): rows/s, files (JSONL, "
+        f"columnar) / shards (WebDataset, images read) | {rate[0]:,.0f} / {rate[1]:,.0f}; "
+        f"**{rate[1] / rate[0]:.2f}x** | |",
+        f"| 11 the same: driver peak RSS; object store peak, files / shards | {files['peak_rss_mb']:.0f} / "
+        f"{shards['peak_rss_mb']:.0f} MiB; {files['object_store_peak_mib']:.0f} / "
+        f"{shards['object_store_peak_mib']:.0f} MiB | |",
+        f"| 11 seconds from `run` to the first committed video, files / shards | {first[0]:.1f} / "
+        f"**{first[1]:.1f} s** | |",
+    ]
+
+
 def _startup_rows(r: dict[str, Any]) -> list[str]:
     from bench import startup
 
@@ -611,7 +675,8 @@ def _startup_rows(r: dict[str, Any]) -> list[str]:
 
 
 ROWS_OF = {"jobs": _jobs_rows, "planning": _planning_rows, "metadata": _metadata_rows, "loading": _loading_rows,
-           "scoring": _scoring_rows, "devices": _devices_rows, "startup": _startup_rows}  # fmt: skip
+           "scoring": _scoring_rows, "devices": _devices_rows, "startup": _startup_rows,
+           "datasets": _datasets_rows}  # fmt: skip
 
 
 def table(r: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from chaos.world import BUCKET, PARAMS, World
 from svd_batch.ledger import LEASE_DIR, latest, run_history
 from svd_batch.metadata import part_keys
 from svd_batch.schema import RESULT_SCHEMA, LeaseRecord
-from svd_batch.storage import Storage
+from svd_batch.storage import Storage, open_storage
 
 TERMINAL = {"finished", "stopped", "failed", "lost"}
 
@@ -42,7 +42,7 @@ class Verdict:
 
 def check(world: World) -> Verdict:
     spec, verdict = world.spec, Verdict()
-    meta, output = world.storage(spec.metadata_uri), world.storage(spec.output)
+    meta, output = open_storage(spec.metadata_uri), open_storage(spec.output)
     table = _ledger(meta, world.broken, verdict)
     verdict.ledger = table
     table = table.drop_columns(["part"])
@@ -169,7 +169,7 @@ def _objects(output: Storage, meta: Storage, runs_uri: str, verdict: Verdict) ->
 
 
 def _records_and_lease(world: World, meta: Storage, verdict: Verdict) -> None:
-    records = run_history(world.storage(world.spec.runs_uri))
+    records = run_history(open_storage(world.spec.runs_uri))
     for record in records:
         if record.state not in TERMINAL:
             verdict.fail(f"run {record.run_id} is still '{record.state}' after the night")
@@ -193,7 +193,7 @@ def _report(world: World, counts: Counter[str], verdict: Verdict) -> None:
     if done.returncode != 0:
         verdict.fail(f"svd-batch report failed: {done.stderr.strip()[-300:]}")
         return
-    page = world.storage(world.spec.output).get_bytes("report.html").decode()
+    page = open_storage(world.spec.output).get_bytes("report.html").decode()
     said = {k: int(v) for k, v in re.findall(r"<td class='(\w+)'>(\d+)</td>", page)}
     mine = {s: counts.get(s, 0) for s in said}
     if said != mine:

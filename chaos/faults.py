@@ -10,13 +10,13 @@ import os
 import random
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from chaos.world import World
 from svd_batch.metadata import part_keys
+from svd_batch.storage import open_storage
 
 
 def kill_worker(world: World, rng: random.Random) -> str | None:
@@ -64,7 +64,7 @@ def stall_worker(world: World, rng: random.Random) -> str | None:
                 os.kill(pid, signal.SIGCONT)  # a stopped process dies only once resumed
         world.stopped.remove(pid)
 
-    threading.Timer(seconds, resume).start()
+    world.later(seconds, resume)
     return f"stopped worker pid {pid} for {seconds:.1f} s, then {then.name}"
 
 
@@ -124,10 +124,16 @@ def second_run(world: World, rng: random.Random) -> str | None:
 
 
 def _proxy_for(world: World, rng: random.Random, knob: str, value: object, what: str) -> str:
+    """Set a proxy knob for a few seconds. The run looks on meanwhile, so the next fault may land
+    inside this one (a node lost while S3 throttles); a later burst of the same knob wins."""
     seconds = rng.uniform(2, 6)
     setattr(world.proxy, knob, value)
-    time.sleep(seconds)
-    setattr(world.proxy, knob, 0)
+
+    def end() -> None:
+        if getattr(world.proxy, knob) == value:
+            setattr(world.proxy, knob, 0)
+
+    world.later(seconds, end)
     return f"{what} for {seconds:.1f} s"
 
 
@@ -147,17 +153,18 @@ def s3_slow(world: World, rng: random.Random) -> str | None:
 
 
 def s3_outage(world: World, rng: random.Random) -> str | None:
-    assert world.proxy is not None
+    proxy = world.proxy
+    if proxy is None or not proxy.up:
+        return None  # down already: this outage starts once it is back
     seconds = rng.uniform(3, 10)
-    world.proxy.stop()
-    time.sleep(seconds)
-    world.proxy.start()
+    proxy.stop()
+    world.later(seconds, proxy.start)
     return f"S3 down (connections refused) for {seconds:.1f} s"
 
 
 def junk_part(world: World, rng: random.Random) -> str | None:
     """A part file that is not Parquet at all, as a foreign tool or a broken copy leaves."""
-    meta = world.storage(world.spec.metadata_uri)
+    meta = open_storage(world.spec.metadata_uri)
     name = f"part-junk{rng.randrange(10**6):06d}-00000.parquet"
     meta.put_bytes(rng.randbytes(rng.randrange(1, 2000)), name)
     world.broken.add(name)
@@ -166,7 +173,7 @@ def junk_part(world: World, rng: random.Random) -> str | None:
 
 def truncated_part(world: World, rng: random.Random) -> str | None:
     """A committed part cut short: its rows are lost to the ledger and must be made again."""
-    meta = world.storage(world.spec.metadata_uri)
+    meta = open_storage(world.spec.metadata_uri)
     parts = sorted(k for k in part_keys(meta) if "junk" not in k)
     if not parts:
         return None

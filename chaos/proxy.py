@@ -70,6 +70,11 @@ class FaultyS3:
         assert self._server is not None
         self._server.shutdown()
         self._server.server_close()
+        self._server = None
+
+    @property
+    def up(self) -> bool:
+        return self._server is not None
 
     def _breaks(self) -> bytes | None:
         """The error this request gets from the every-n-th knobs, if any."""

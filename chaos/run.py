@@ -27,7 +27,7 @@ import svd_batch  # noqa: F401  (protobuf implementation, before ray)
 from chaos.check import check
 from chaos.faults import KINDS
 from chaos.schedule import Fault, draw
-from chaos.world import World
+from chaos.world import World, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 LOOK_EVERY_S = 0.5
@@ -71,6 +71,7 @@ def night(seed: int, rows: int, faults: int, limit_s: float, results: Path = RES
                 world.driver = world.start_driver()  # as a scheduler reruns a night
             time.sleep(LOOK_EVERY_S)
         wall_s = time.monotonic() - ready
+        wait_until(world.settled, "the faults to end")  # a worker still stopped, S3 still down
         verdict = check(world)
         if unfinished:
             verdict.fail(unfinished)

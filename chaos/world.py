@@ -10,10 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 import numpy as np
@@ -27,7 +29,7 @@ from svd_batch.engine import simulated
 from svd_batch.ledger import latest
 from svd_batch.metadata import read_table
 from svd_batch.schema import JobSpec
-from svd_batch.storage import Storage, open_storage
+from svd_batch.storage import open_storage
 
 BUCKET = "chaos"
 PARAMS = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, "decode_chunk_size": 2}
@@ -35,6 +37,7 @@ SECONDS_PER_VIDEO = 0.8  # of a simulated device: a job of minutes, for faults t
 DEVICES_PER_NODE = 2
 WORKERS = 4  # of 6 devices: a lost node leaves enough for the job to go on
 GATED_EVERY = 9  # every 9th row has a gate no clip meets: it ends rejected after its tries
+T = TypeVar("T")
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -46,13 +49,16 @@ def _answers(endpoint: str) -> bool:
     return True
 
 
-def wait(probe: Callable[[], bool], what: str, timeout: float = 120, every: float = 0.2) -> None:
+def wait_until(probe: Callable[[], T], what: str, timeout: float = 300, every: float = 0.2) -> T:
+    """Poll until `probe` returns something truthy; fail naming the event if it never comes.
+    The chaos run and the tests wait for events, never for a fixed time: the machines that run
+    them differ in speed by 2x and more."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if probe():
-            return
+        if value := probe():
+            return value
         time.sleep(every)
-    raise RuntimeError(f"gave up after {timeout:.0f} s waiting for {what}")
+    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
 @dataclass
@@ -67,6 +73,7 @@ class World:
     drivers: list[subprocess.Popen[str]] = field(default_factory=list)  # every one started, for its output
     stopped: list[int] = field(default_factory=list)  # pids of workers SIGSTOPped and not yet resumed
     broken: set[str] = field(default_factory=set)  # metadata parts the faults broke: unreadable by design
+    timers: list[threading.Timer] = field(default_factory=list)  # faults' ends still to come
 
     # --- the parts ---------------------------------------------------------------------------
 
@@ -83,7 +90,7 @@ class World:
             stderr=subprocess.DEVNULL,
         )
         self.upstream = f"http://127.0.0.1:{port}"
-        wait(lambda: _answers(self.upstream), "the S3 server")
+        wait_until(lambda: _answers(self.upstream), "the S3 server", timeout=120)
         boto3.client("s3", endpoint_url=self.upstream).create_bucket(Bucket=BUCKET)
         self.proxy = FaultyS3(self.upstream)
         self._write_job()
@@ -119,7 +126,19 @@ class World:
             else:
                 os.environ["AWS_ENDPOINT_URL"] = before
 
+    def later(self, seconds: float, end: Callable[[], None]) -> None:
+        """End a fault after `seconds`, while the run goes on looking and firing others."""
+        timer = threading.Timer(seconds, end)
+        self.timers.append(timer)
+        timer.start()
+
+    def settled(self) -> bool:
+        """Whether every fault has ended (a check of storage while S3 is down would fail)."""
+        return not any(timer.is_alive() for timer in self.timers)
+
     def close(self) -> None:
+        for timer in self.timers:
+            timer.join()
         for pid in self.stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 18)  # SIGCONT: a stopped process ignores the shutdown's signals
@@ -169,6 +188,7 @@ class World:
             "quality": {"max_tries": 2},
             "workers": {"count": WORKERS, "batch_size": 2, "no_progress_timeout_s": 120},
             "lease_ttl_s": 10,
+            "commit_every_s": 1,  # the ledger, and so the faults' moments, move in small steps
             "simulate": SECONDS_PER_VIDEO,
         }
         self.spec_path.write_text(yaml.safe_dump(spec))
@@ -209,12 +229,9 @@ class World:
                     found.append(process)
         return found
 
-    def storage(self, uri: str) -> Storage:
-        return open_storage(uri)
-
     def done(self) -> int:
         """Videos with a latest ok or rejected row in the ledger: the job's progress, as storage says."""
-        table = latest(read_table(self.storage(self.spec.metadata_uri)))
+        table = latest(read_table(open_storage(self.spec.metadata_uri)))
         return sum(status in ("ok", "rejected") for status in table.column("status").to_pylist())
 
 

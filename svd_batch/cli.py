@@ -335,7 +335,8 @@ def run(
     if runner.stalled:
         err.print(f"[bold red]stalled:[/] {runner.stalled}", highlight=False, soft_wrap=True)
     if runner.stopped:
-        err.print(f"{runner.stopped}, {counts.get('left', 0)} rows left, rerun to resume", highlight=False)
+        unread = f" and {runner.unread_shards} shards unread" if runner.unread_shards else ""
+        err.print(f"{runner.stopped}, {counts.get('left', 0)} rows left{unread}, rerun to resume", highlight=False)
     raise typer.Exit(runner.exit_code())
 
 

@@ -40,6 +40,7 @@ from svd_batch.manifest import (
     validate,
 )
 from svd_batch.plan import MAX_SEED, Planner, RowError, derive_seed, freeze, join_uri, safe_name
+from svd_batch.samples import Reading
 from svd_batch.schema import RENDER_FIELDS, RenderParams, WorkItem
 
 PENDING = 256  # rows to plan row by row that are read before their items are handed on
@@ -234,13 +235,14 @@ def plan_parquet(
     draining: Callable[[], bool],
 ) -> Iterator[Planned]:
     """`plan_piece` for a Parquet piece: its row groups as the table, a row's cells as its raw row."""
-    table = parquet_table(piece)
+    reading = Reading.for_spec(planner.spec)
+    table = parquet_table(piece, reading)
     if table is None:
-        yield from row_by_row(planner, read_raw(piece), duplicates, earlier, retry_failed)
+        yield from row_by_row(planner, read_raw(piece, reading), duplicates, earlier, retry_failed)
         return
 
     def raw(at: int, number: int) -> Raw:
-        return parquet_record(table, at, number)
+        return parquet_record(table, at, number, piece.uri, reading)
 
     numbers = piece.first + np.arange(table.num_rows)
     yield from _plan_table(planner, table, numbers, raw, duplicates, earlier, retry_failed, draining)

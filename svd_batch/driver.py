@@ -46,6 +46,7 @@ from svd_batch.notify import post
 from svd_batch.plan import Planner, RowError
 from svd_batch.planning import PlanError, invalid_row, items_from_table, plan_dataset, prepare
 from svd_batch.render import Stalled, configure_ray_data, render, start_control
+from svd_batch.samples import Reading
 from svd_batch.schema import JobSpec, ResultRow, RunRecord, Stage, Status, explain
 from svd_batch.shards import reconcile
 from svd_batch.storage import StorageError, local_path, open_storage
@@ -199,7 +200,9 @@ def validate(spec: JobSpec) -> Iterator[RowError]:
     planner = Planner(spec, spec.manifest, "validate", weights="")
     nothing_earlier = Progress(KeySet([]), {}, KeySet([]))
     try:
-        for planned in planner.plan(read_rows(spec.manifest, spec.passthrough), nothing_earlier, retry_failed=False):
+        for planned in planner.plan(
+            read_rows(spec.manifest, spec.passthrough, Reading.for_spec(spec)), nothing_earlier, retry_failed=False
+        ):
             if isinstance(planned, RowError):
                 yield planned
     except ManifestError as exc:
@@ -239,7 +242,7 @@ class Job:
         self.output = open_storage(spec.output)
         self.meta = open_storage(spec.metadata_uri)
         self.runs = open_storage(spec.runs_uri)
-        self.writer = MetadataWriter(self.meta, self.run_id)
+        self.writer = MetadataWriter(self.meta, self.run_id, flush_seconds=spec.commit_every_s)
         self.lease = Lease(self.meta, self.run_id, spec.lease_ttl_s, on_lost=self.drain)
         self.counts: Counter[str] = Counter()
         # Failed rows of this run by (error_stage, error_type, retryable), for the summary.
@@ -250,6 +253,7 @@ class Job:
         self.out_of_time = False  # stopped by its deadline or duration limit (not a signal or a lost lease)
         self.throughput = Throughput()  # videos this run made, over the last minutes
         self.lost_in_shards = 0  # rows lost with a worker's open shard (they were made, but never committed)
+        self.unread_shards = 0  # WebDataset shards a stopping run left unread, so uncounted
         self._limit: tuple[float, str] | None = None  # the earliest time limit: (monotonic time, its name)
         self.record: RunRecord | None = None
         self.worker_memory = 0  # bytes each worker asks Ray for, from the weights (start)
@@ -440,7 +444,7 @@ class Job:
         import ray
 
         planned = Counter(ray.get(self._control.plan_counts.remote()))
-        self.total = planned["videos"]
+        self.total, self.unread_shards = planned["videos"], planned["unread_shards"]
         if planned["skipped"]:
             self.counts["skipped"] = planned["skipped"]
         return planned

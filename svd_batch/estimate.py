@@ -29,6 +29,7 @@ from svd_batch.ledger import KeySet, Progress, progress
 from svd_batch.manifest import read_rows
 from svd_batch.metadata import part_keys
 from svd_batch.plan import Planner
+from svd_batch.samples import Reading
 from svd_batch.schema import JobSpec, RenderParams, WorkItem
 from svd_batch.storage import open_storage
 
@@ -71,7 +72,9 @@ def plan_left(spec: JobSpec) -> dict[str, Setting]:
     meta = open_storage(spec.metadata_uri)
     earlier = progress(meta, spec.made) if part_keys(meta) else Progress(KeySet([]), {}, KeySet([]))
     settings: dict[str, Setting] = {}
-    for item in planner.plan(read_rows(spec.manifest, spec.passthrough), earlier, retry_failed=False):
+    for item in planner.plan(
+        read_rows(spec.manifest, spec.passthrough, Reading.for_spec(spec)), earlier, retry_failed=False
+    ):
         if isinstance(item, WorkItem):
             label = setting(item.params)
             group = settings.setdefault(label, Setting(label))

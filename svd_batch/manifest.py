@@ -33,8 +33,9 @@ from pydantic import ValidationError
 from svd_batch.errors import first_line
 from svd_batch.hashes import string_hashes
 from svd_batch.plan import RowError
+from svd_batch.samples import SHARD_ROWS, Reading, image_cell, is_webdataset, shard_rows, shards
 from svd_batch.schema import RENDER_FIELDS, ManifestRow, explain
-from svd_batch.storage import StorageError, local_path, s3_body, s3_size, split_s3
+from svd_batch.storage import RangedReader, StorageError, local_path, s3_body, split_s3
 
 PARQUET_BATCH = 4096
 PIECE_BYTES = 8 << 20
@@ -210,36 +211,6 @@ def _csv(stream: io.BufferedIOBase) -> Iterator[tuple[int, Raw]]:
         yield number, {key: value for key, value in cells.items() if value is not None}
 
 
-class _Ranged(io.RawIOBase):
-    """An S3 object as a seekable file, each read one ranged GET: a Parquet piece reads the
-    footer and its own row groups' column chunks, never the whole object."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri, self.size, self.at = uri, s3_size(uri), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.at
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.at = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.size}[whence] + offset
-        return self.at
-
-    def readinto(self, buffer: Any) -> int:
-        wanted = min(len(buffer), self.size - self.at)
-        if wanted <= 0:
-            return 0
-        data = s3_body(self.uri, self.at, self.at + wanted).read()
-        buffer[: len(data)] = data
-        self.at += len(data)
-        return len(data)
-
-
 @contextmanager
 def _parquet_file(uri: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
@@ -253,7 +224,7 @@ def _parquet_file(uri: str) -> Iterator[Any]:
             ) from None
 
     if uri.startswith("s3://"):
-        with io.BufferedReader(_Ranged(uri), 1 << 20) as source:
+        with io.BufferedReader(RangedReader(uri), 1 << 20) as source:
             yield opened(source)
         return
     yield opened(_local(uri))
@@ -263,37 +234,43 @@ def _row_groups(piece: Piece, groups: int) -> list[int]:
     return list(range(piece.start, groups if piece.end is None else piece.end))
 
 
-def parquet_record(batch: pa.Table | pa.RecordBatch, index: int, number: int) -> Raw:
-    """Row `index` of the batch as the per-row reader sees it: a null cell is an absent key."""
+def parquet_record(batch: pa.Table | pa.RecordBatch, index: int, number: int, uri: str, reading: Reading) -> Raw:
+    """Row `index` of the batch as the per-row reader sees it: a null cell is an absent key; an
+    image held as bytes renders from them (samples.image_cell)."""
     try:
         (record,) = batch.slice(index, 1).to_pylist()
     except UnicodeDecodeError as exc:  # a string column holding bytes that are not UTF-8
         reason = f"byte 0x{exc.object[exc.start]:02X} is not UTF-8; write the column as UTF-8 strings"
         return RowError(number, None, "(row)", reason)
-    return {key: value for key, value in record.items() if value is not None}
+    return image_cell({key: value for key, value in record.items() if value is not None}, uri, number, reading)
 
 
-def _parquet(piece: Piece) -> Iterator[tuple[int, Raw]]:
+def _parquet(piece: Piece, reading: Reading) -> Iterator[tuple[int, Raw]]:
     number = piece.first
     with _parquet_file(piece.uri) as parquet:
         groups = _row_groups(piece, parquet.num_row_groups)
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups):
             for index in range(batch.num_rows):
-                yield number, parquet_record(batch, index, number)
+                yield number, parquet_record(batch, index, number, piece.uri, reading)
                 number += 1
 
 
-def parquet_table(piece: Piece) -> pa.Table | None:
+def parquet_table(piece: Piece, reading: Reading | None = None, columns: list[str] | None = None) -> pa.Table | None:
     """The piece's row groups as one table, or None where a string is not UTF-8 (Parquet does
     not check on write; the per-row reader fails those rows alone). Columns are widened to
     the types columnar planning reads (polars writes large strings, pandas categories as
     dictionaries, numpy int32 and float32): each cell's Python value stays what it was."""
     with _parquet_file(piece.uri) as parquet:
-        table = parquet.read_row_groups(_row_groups(piece, parquet.num_row_groups), use_threads=False)
+        if columns is not None:
+            columns = [c for c in columns if c in parquet.schema_arrow.names]
+        table = parquet.read_row_groups(_row_groups(piece, parquet.num_row_groups), columns, use_threads=False)
     try:
         table.validate(full=True)
     except pa.ArrowInvalid:
         return None
+    if (named := (reading or Reading()).samples.id) != "id" and named in table.column_names:
+        table = table.drop_columns([c for c in table.column_names if c == "id"])
+        table = table.rename_columns(["id" if c == named else c for c in table.column_names])
     for at, field in enumerate(table.schema):
         wide = _wide(field.type)
         if wide != field.type:
@@ -319,29 +296,35 @@ def _wide(kind: pa.DataType) -> pa.DataType:
 
 
 def _parquet_pieces(uri: str) -> list[Piece]:
-    """Runs of whole row groups of at most PIECE_ROWS rows (a larger group is a piece alone)."""
+    """Runs of whole row groups of at most PIECE_ROWS rows and PIECE_BYTES of data (images in
+    a column make few rows many bytes); a larger group is a piece alone."""
     with _parquet_file(uri) as parquet:
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-    pieces, start, first, rows = [], 0, 1, 0
-    for group, size in enumerate(sizes):
-        if rows and rows + size > PIECE_ROWS:
-            pieces.append(Piece(uri, start, group, first))
-            start, first, rows = group, first + rows, 0
-        rows += size
-    return [*pieces, Piece(uri, start, len(sizes), first)]
+        groups = [parquet.metadata.row_group(g) for g in range(parquet.num_row_groups)]
+    pieces, start, first, rows, size = [], 0, 1, 0, 0
+    for at, group in enumerate(groups):
+        if rows and (rows + group.num_rows > PIECE_ROWS or size + group.total_byte_size > PIECE_BYTES):
+            pieces.append(Piece(uri, start, at, first))
+            start, first, rows, size = at, first + rows, 0, 0
+        rows, size = rows + group.num_rows, size + group.total_byte_size
+    return [*pieces, Piece(uri, start, len(groups), first)]
 
 
 def _suffix(uri: str) -> str:
     suffix = Path(split_s3(uri)[1] if uri.startswith("s3://") else uri).suffix.lower()
-    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
-        raise StorageError(f"manifest {uri}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".tar"):
+        reason = "use .jsonl, .csv, .parquet or WebDataset .tar shards"
+        raise StorageError(f"manifest {uri}: unknown format {suffix!r}; {reason}")
     return suffix
 
 
-def read_raw(piece: Piece) -> Iterator[tuple[int, Raw]]:
+def read_raw(piece: Piece, reading: Reading | None = None) -> Iterator[tuple[int, Raw]]:
     """(row number, raw row or the reason it could not be parsed), streaming."""
+    reading = reading or Reading()
+    if piece.uri.endswith(".tar"):  # one WebDataset shard
+        yield from shard_rows(piece.uri, piece.first, reading)
+        return
     if is_parquet(piece.uri):
-        yield from _parquet(piece)
+        yield from _parquet(piece, reading)
         return
     with _binary(piece) as stream:
         if _suffix(piece.uri) == ".csv":
@@ -470,24 +453,31 @@ def _piece_ids(data: bytes, first: int) -> tuple[np.ndarray, list[int], int]:
     return _ids(jsonl_rows(io.BytesIO(data), first)) if found is None else found
 
 
-def _parquet_ids(piece: Piece) -> tuple[np.ndarray, list[int], int]:
-    table = parquet_table(piece)
+def _parquet_ids(piece: Piece, reading: Reading) -> tuple[np.ndarray, list[int], int]:
+    table = parquet_table(piece, reading, columns=[reading.samples.id])  # never the images
     found = _table_ids(table, piece.first + np.arange(table.num_rows)) if table is not None else None
-    return _ids(read_raw(piece)) if found is None else found
+    return _ids(read_raw(piece, reading)) if found is None else found
 
 
-def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
+def survey(uri: str, piece_bytes: int = PIECE_BYTES, reading: Reading | None = None) -> Survey:
     """The manifest's pieces, and its duplicate ids: a row whose id an earlier row has (valid
     or not) is the duplicate, so the answer never depends on how the manifest was cut.
-    One read of the manifest."""
+    One read of the manifest; of WebDataset shards, only their listing (samples.py)."""
+    reading = reading or Reading()
+    if is_webdataset(uri):
+        found = shards(uri)
+        if not found:
+            raise ManifestError(f"manifest {uri} names no .tar shards; fix `manifest:` (a pattern, a folder or a .tar)")
+        pieces = [Piece(shard, first=at * SHARD_ROWS + 1) for at, shard in enumerate(found)]
+        return Survey(pieces, np.zeros(0, np.int64))
     hashes, numbers = [], array.array("q")
     pieces, rows = [], 0
     if is_jsonl(uri):
         parts: Iterator[tuple[Piece, Any]] = ((p, _piece_ids(data, p.first)) for p, data in _cut(uri, piece_bytes))
     elif is_parquet(uri):
-        parts = ((p, _parquet_ids(p)) for p in _parquet_pieces(uri))
+        parts = ((p, _parquet_ids(p, reading)) for p in _parquet_pieces(uri))
     else:  # CSV: one piece, as a quoted cell may hold a line end, so no byte tells where rows end
-        parts = iter([(Piece(uri), _ids(read_raw(Piece(uri))))])
+        parts = iter([(Piece(uri), _ids(read_raw(Piece(uri), reading)))])
     for piece, (found, at, count) in parts:
         pieces.append(piece)
         hashes.append(found)
@@ -502,10 +492,10 @@ def survey(uri: str, piece_bytes: int = PIECE_BYTES) -> Survey:
 
 
 def read_piece(
-    piece: Piece, duplicates: Collection[int], passthrough: Collection[str] = ()
+    piece: Piece, duplicates: Collection[int], passthrough: Collection[str] = (), reading: Reading | None = None
 ) -> Iterator[tuple[int, ManifestRow | RowError]]:
     """Validated rows of one piece; `duplicates` (Survey.duplicates) fail as duplicate ids."""
-    for number, raw in read_raw(piece):
+    for number, raw in read_raw(piece, reading or Reading()):
         yield number, validate(number, raw, duplicates, passthrough)
 
 
@@ -531,15 +521,19 @@ def validate(
         field, reason = explain(exc, ManifestRow)[0]
         if reason.startswith("unknown field") and "did you mean" not in reason:  # not a typo: data to keep?
             reason += "; or list it in the job spec's passthrough to carry it into the metadata"
+        if isinstance(raw.get("image_bytes"), bytes):  # a dataset's sample: say which (samples.py)
+            reason += f" (in {raw['image']})"
         return RowError(number, named, field, reason)
     if number in duplicates:
         return RowError(number, row.id, "id", "duplicate id; every row needs its own id")
     return row
 
 
-def read_rows(uri: str, passthrough: Collection[str] = ()) -> Iterator[tuple[int, ManifestRow | RowError]]:
-    """Every validated row of a manifest, in one process (validate, render, tests)."""
-    found = survey(uri)
+def read_rows(
+    uri: str, passthrough: Collection[str] = (), reading: Reading | None = None
+) -> Iterator[tuple[int, ManifestRow | RowError]]:
+    """Every validated row of a manifest, in one process (validate, estimate, tests)."""
+    found = survey(uri, reading=reading)
     duplicates = frozenset(found.duplicates.tolist())
     for piece in found.pieces:
-        yield from read_piece(piece, duplicates, passthrough)
+        yield from read_piece(piece, duplicates, passthrough, reading)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from svd_batch.errors import first_line
-from svd_batch.schema import RESULT_SCHEMA, ResultRow
+from svd_batch.schema import COMMIT_EVERY_S, RESULT_SCHEMA, ResultRow
 from svd_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # A part is committed when either bound is reached: small enough that a crash loses little,
 # large enough that a long job does not explode into tiny files.
 FLUSH_ROWS = 5000
-FLUSH_SECONDS = 10.0
 
 
 def _encode(table: pa.Table) -> bytes:
@@ -47,7 +46,7 @@ class MetadataWriter:
     storage: Storage
     run_id: str
     flush_rows: int = FLUSH_ROWS
-    flush_seconds: float = FLUSH_SECONDS
+    flush_seconds: float = COMMIT_EVERY_S
     _buffer: list[pa.Table] = field(default_factory=list)
     _buffered: int = 0
     _parts: int = 0

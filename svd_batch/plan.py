@@ -99,6 +99,7 @@ class Resolved:
     tags: dict[str, Any]
     caption: str | None
     passthrough: dict[str, Any]
+    image_bytes: bytes | None = None  # a dataset manifest's image (samples.py)
 
     def work_item(self, kept: dict[str, str] | None = None) -> WorkItem:
         return WorkItem(
@@ -109,6 +110,7 @@ class Resolved:
             video_index=self.video_index,
             key=self.key,
             image=self.image,
+            image_bytes=self.image_bytes,
             seed=self.seed,
             params=self.params,
             tags=json.dumps(self.tags, sort_keys=True) if self.tags else None,
@@ -200,6 +202,7 @@ class Planner:
                 row.tags,
                 row.caption,
                 row.passthrough,
+                row.image_bytes,
             )
             for v in range(params.num_videos_per_prompt)
         ]

@@ -24,6 +24,7 @@ from svd_batch.columnar import Counted, Planned, plan_parquet, plan_piece, row_b
 from svd_batch.ledger import Progress, progress
 from svd_batch.manifest import PIECE_BYTES, ManifestError, Piece, is_jsonl, is_parquet, piece_data, read_raw, survey
 from svd_batch.plan import Planner, RowError
+from svd_batch.samples import Reading
 from svd_batch.schema import WORK_SCHEMA, JobSpec, ResultRow, Stage, Status, WorkItem
 from svd_batch.storage import StorageError, open_storage
 
@@ -127,6 +128,11 @@ def plan_pieces(batch: pa.Table, context: PlanContext) -> Iterator[pa.Table]:
     for piece in batch.to_pylist():
         chunk: list[WorkItem] = []
         counts: Counter[str] = Counter()
+        if draining and piece["uri"].endswith(".tar"):
+            # A shard's samples are counted only by reading it whole: a stopping run leaves it
+            # unread, as a deadline means (samples.py).
+            draining = _hand_on(control, Counter(unread_shards=1), 0, context.window, draining)
+            continue
         for planned in _planned(planner, Piece(**piece), duplicates, earlier, context.retry_failed, drained):
             counts["videos"] += planned.videos if isinstance(planned, Counted) else 1
             if isinstance(planned, Counted):
@@ -163,7 +169,7 @@ def _planned(
         return plan_piece(planner, piece_data(piece), piece.first, duplicates, earlier, retry_failed, draining)
     if is_parquet(piece.uri):
         return plan_parquet(planner, piece, duplicates, earlier, retry_failed, draining)
-    return row_by_row(planner, read_raw(piece), duplicates, earlier, retry_failed)
+    return row_by_row(planner, read_raw(piece, Reading.for_spec(planner.spec)), duplicates, earlier, retry_failed)
 
 
 def _hand_on(control: Any, counts: Counter[str], items: int, window: int, draining: bool) -> bool:
@@ -204,9 +210,9 @@ def plan_dataset(spec: JobSpec, pieces: list[Piece], context: PlanContext) -> An
     ).repartition(target_num_rows_per_block=spec.workers.batch_size)
 
 
-def _survey(uri: str, piece_bytes: int) -> tuple[list[Piece], Any, str | None]:
+def _survey(uri: str, piece_bytes: int, reading: Reading) -> tuple[list[Piece], Any, str | None]:
     try:
-        found = survey(uri, piece_bytes)
+        found = survey(uri, piece_bytes, reading)
     except (StorageError, ManifestError) as exc:
         return [], None, str(exc)
     return found.pieces, found.duplicates, None
@@ -257,7 +263,9 @@ def prepare(
     import ray
 
     task = ray.remote(num_cpus=PLAN_CPUS)
-    pieces, duplicates, problem = task(_survey).options(num_returns=3).remote(spec.manifest, piece_bytes or PIECE_BYTES)
+    pieces, duplicates, problem = (
+        task(_survey).options(num_returns=3).remote(spec.manifest, piece_bytes or PIECE_BYTES, Reading.for_spec(spec))
+    )
     outputs = spec.output if verify_outputs else None
     earlier, trouble, warnings = (
         task(_earlier).options(num_returns=3).remote(spec.metadata_uri, spec.made, outputs, exclude_run)

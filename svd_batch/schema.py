@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBytes,
     ValidationError,
     create_model,
     field_validator,
@@ -54,6 +55,7 @@ class Strict(BaseModel):
 
 Positive = Annotated[int, Field(gt=0)]
 MAX_SIDE = 4096
+COMMIT_EVERY_S = 10.0  # the driver's default metadata commit interval (JobSpec.commit_every_s)
 
 
 class ClipScores(BaseModel):
@@ -159,6 +161,9 @@ class _ManifestCore(Strict):
     caption: str | None = None
     # The spec's columns (manifest.validate fills it): not a column of its own.
     passthrough: dict[str, JsonValue] = Field(default_factory=dict, json_schema_extra={"column": False})
+    # A dataset manifest's image itself (samples.py), which `image` then only names: never a
+    # manifest column (strict: no text from a JSON or CSV line passes as bytes).
+    image_bytes: StrictBytes | None = Field(None, repr=False, json_schema_extra={"column": False})
 
     @field_validator("id")
     @classmethod
@@ -231,6 +236,26 @@ class InputsSpec(Strict):
     max_bytes: Annotated[int, Field(gt=0)] = 64 * 2**20  # per input file, checked before reading
 
 
+class SamplesSpec(Strict):
+    """How a dataset manifest's samples become rows (samples.py): a WebDataset sample's members
+    by extension, and the column a Parquet manifest's ids are in."""
+
+    image: Annotated[list[str], Field(min_length=1)] = ["jpg", "jpeg", "png", "webp"]  # the first a sample has
+    caption: str | None = "txt"  # None: no caption member
+    # Render overrides, seed, tags and passthrough columns, read as a manifest line: None ignores it.
+    row: str | None = "json"
+    # Fields of that json left unread: by default those img2dataset writes of its own download
+    # (its `width` and `height` are the image's, not the video's).
+    ignore: list[str] = ["key", "status", "error_message", "width", "height", "original_width", "original_height",
+                         "exif", "sha256", "md5"]  # fmt: skip
+    id: Annotated[str, Field(min_length=1)] = "id"
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class ShardsSpec(Strict):
     """WebDataset tar shards under <output>/shards/ (shards.py): each worker fills its own."""
 
@@ -264,6 +289,7 @@ class JobSpec(Strict):
     formats: list[Format] = [Format.mp4]  # loose files; none with `shards` for shards alone
     workers: WorkersSpec = WorkersSpec()
     inputs: InputsSpec = InputsSpec()
+    samples: SamplesSpec = SamplesSpec()
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     # Dataset synthesis: every row becomes one row per combination of these values.
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
@@ -276,6 +302,10 @@ class JobSpec(Strict):
 
     # One run holds an output at a time; a holder silent for this long is taken over (ledger.py).
     lease_ttl_s: Annotated[float, Field(ge=10)] = 120.0
+    # How often the driver commits finished rows as a metadata part: a driver killed between
+    # commits costs at most this long's rows (their videos are rendered again by the rerun);
+    # shorter writes more, smaller parts, which compaction merges.
+    commit_every_s: Annotated[float, Field(ge=1, le=3600)] = COMMIT_EVERY_S
     # Seconds per video of a simulated device in place of the pipeline (engine/simulated.py);
     # `svd-batch run --simulate`. Such a job writes under <output>/simulated/ (`simulated()`).
     simulate: Annotated[float, Field(gt=0, le=3600)] | None = None
@@ -365,7 +395,8 @@ class WorkItem(BaseModel):
     id: str
     video_index: int
     key: str
-    image: str  # resolved: absolute path or s3:// URI
+    image: str  # resolved: absolute path or s3:// URI; of a dataset manifest's row, what names its bytes
+    image_bytes: bytes | None = Field(None, repr=False)  # a dataset manifest's image (samples.py)
     seed: int
     params: RenderParams
     tags: str | None = None
@@ -557,6 +588,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
             return pa.struct([pa.field(n, _arrow_type(f.annotation)) for n, f in annotation.model_fields.items()])
         if issubclass(annotation, Enum) or issubclass(annotation, (str, Path)):
             return pa.string()
+        if issubclass(annotation, bytes):
+            return pa.binary()
         if issubclass(annotation, bool):
             return pa.bool_()
         if issubclass(annotation, int):

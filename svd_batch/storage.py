@@ -9,10 +9,12 @@ out of it.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from svd_batch.errors import first_line
@@ -294,3 +296,34 @@ def read_error(path: Path, exc: OSError) -> StorageError:
     else:  # an I/O error of the filesystem (a network mount gone away) may pass
         return StorageError(f"{path} cannot be read ({first_line(exc)})")
     return StorageError(f"{path} {reason}", retryable=False)
+
+
+class RangedReader(io.RawIOBase):
+    """An S3 object as a seekable file, each read one ranged GET: a Parquet piece reads the
+    footer and its own row groups' column chunks, never the whole object, and a tar shard is
+    streamed a buffer at a time (wrap it in io.BufferedReader)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri, self.size, self.at = uri, s3_size(uri), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.at = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.size}[whence] + offset
+        return self.at
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self.size - self.at)
+        if wanted <= 0:
+            return 0
+        data = s3_body(self.uri, self.at, self.at + wanted).read()
+        buffer[: len(data)] = data
+        self.at += len(data)
+        return len(data)

@@ -39,10 +39,13 @@ def package(spec_path: Path, into: Path) -> str:
     Jobs API uploads: relative paths would resolve against Ray's temporary working dir.
     Returns where the run's metadata goes (its `_status.json` is there)."""
     from svd_batch.driver import written_spec
+    from svd_batch.samples import is_webdataset
 
     spec = written_spec(spec_path)
     update: dict[str, str] = {}
-    if not spec.manifest.startswith("s3://"):
+    # Shards are data, not a manifest file: like images, they stay where they are (a shared
+    # filesystem), named by their absolute path.
+    if not spec.manifest.startswith("s3://") and not is_webdataset(spec.manifest):
         source = Path(spec.manifest)
         shutil.copy2(source, into / source.name)
         # Its rows' relative paths still mean the folder it came from (a shared filesystem).

@@ -222,7 +222,8 @@ class RowWorker:
         try:
             params = row.params = self.renderer.resolve(item.params)
             stage = Stage.image
-            image = load_image(self.inputs.read(item.image), params.width, params.height, params.fit)
+            data = self.inputs.read(item.image) if item.image_bytes is None else item.image_bytes
+            image = load_image(data, params.width, params.height, params.fit)
             row.input_width, row.input_height, row.input_sha256 = image.width, image.height, image.sha256
             stage = Stage.latents
             latents = None

@@ -11,45 +11,27 @@ import os
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image
 
+from chaos.world import wait_until as wait_until  # the tests wait as the chaos run does
 from svd_batch.driver import Job, load_spec
 from svd_batch.ledger import latest, run_history
 from svd_batch.metadata import read_table
 from svd_batch.schema import RunRecord
 from svd_batch.storage import open_storage
 
-T = TypeVar("T")
-
 # Small enough that one tiny video renders in about a second on one core.
 FAST = {"height": 32, "width": 32, "num_frames": 4, "num_inference_steps": 2, "decode_chunk_size": 2}
 # Seconds a video on a simulated device, for the tests of orchestration rather than of the model:
 # no MindSpore import or model load per worker, and long enough to stop or kill a job mid-way.
 SIMULATE = 0.5
-
-
-def wait_until(probe: Callable[[], T], what: str, timeout: float = 300, every: float = 0.2) -> T:
-    """Poll until `probe` returns something truthy; fail naming the event if it never comes.
-
-    Tests wait for events (a committed row, a file, a worker), never for a fixed time: the
-    machines that run them differ in speed by 2x and more.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
 def make_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
