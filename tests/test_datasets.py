@@ -84,21 +84,17 @@ def _s3_bytes(uri: str) -> bytes:
     return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _shards_job(folder: Path, model: Path, **where: str) -> Path:
+    """A job over the shards `where` names, writing output shards, on fast simulated devices."""
+    job = {"passthrough": ["url"], "shards": {"size": 8}, "workers": {"count": 2, "batch_size": 4}}
+    return write_job(folder, [], model, simulate=0.05, **job, **where)
+
+
 def test_webdataset_shards_render_with_their_captions_and_a_rerun_renders_nothing(
     tmp_path: Path, tiny_model: Path, ray_cluster: object
 ) -> None:
     _write_shards(tmp_path / "job" / "laion")
-    spec = write_job(
-        tmp_path / "job",
-        [],
-        tiny_model,
-        manifest="laion/{00000..00003}.tar",
-        passthrough=["url"],
-        shards={"size": 8},
-        simulate=0.05,
-        workers={"count": 2, "batch_size": 4},
-    )
-    _check_job(spec)
+    _check_job(_shards_job(tmp_path / "job", tiny_model, manifest="laion/{00000..00003}.tar"))
 
 
 @pytest.mark.slow
@@ -112,18 +108,8 @@ def test_webdataset_shards_on_s3_render_as_local_ones(
     s3.create_bucket(Bucket="wds-out")
     for path in _write_shards(tmp_path / "shards"):
         s3.upload_file(str(path), "wds-in", f"laion/{path.name}")
-    spec = write_job(
-        tmp_path / "job",
-        [],
-        tiny_model,
-        manifest="s3://wds-in/laion/{00000..00003}.tar",
-        output="s3://wds-out/run",
-        passthrough=["url"],
-        shards={"size": 8},
-        simulate=0.05,
-        workers={"count": 2, "batch_size": 4},
-    )
-    _check_job(spec)
+    manifest = "s3://wds-in/laion/{00000..00003}.tar"
+    _check_job(_shards_job(tmp_path / "job", tiny_model, manifest=manifest, output="s3://wds-out/run"))
 
 
 def _rows(manifest: str, **reading: object) -> list[ManifestRow | RowError]:
