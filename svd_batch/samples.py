@@ -131,6 +131,10 @@ def shard_rows(uri: str, first: int, reading: Reading) -> Iterator[tuple[int, di
                     if key is not None:
                         yield number, _row(uri, name, key, members, names, reading, number, seen)
                         number += 1
+                    if number - first >= SHARD_ROWS:  # its row numbers would run into the next shard's
+                        reason = f"shard {uri} holds over {SHARD_ROWS:,} samples; split it"
+                        yield number, RowError(number, f"{name}/{parts[1]}", "(shard)", reason)
+                        return
                     key, members, names = parts[1], {}, {}
                 extension = parts[2].lower()
                 if extension not in wanted:
@@ -151,8 +155,6 @@ def shard_rows(uri: str, first: int, reading: Reading) -> Iterator[tuple[int, di
             "its samples from there on were not read: write the shard again or fix the manifest"
         )
         yield number, RowError(number, f"{name}/{key}" if key is not None else name, "(shard)", reason)
-    if number - first >= SHARD_ROWS:
-        yield number, RowError(number, name, "(shard)", f"shard {uri} holds over {SHARD_ROWS:,} samples; split it")
 
 
 def _row(
@@ -181,7 +183,7 @@ def _row(
             return error(samples.row, f"member .{samples.row} is not a JSON object of at most 64 KiB ({exc})")
         if not isinstance(raw, dict):
             return error(samples.row, f"member .{samples.row} must be a JSON object, as a manifest line is")
-        raw = {name: value for name, value in raw.items() if name not in samples.ignore}
+        raw = {field: value for field, value in raw.items() if field not in samples.ignore}
         if taken := sorted({"id", "image"} & raw.keys()):
             reason = f"is set by the sample itself (its key, its image member); drop it from .{samples.row}"
             return error(taken[0], reason)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from svd_batch import samples
 from svd_batch.driver import Job, load_spec
 from svd_batch.manifest import read_rows
 from svd_batch.plan import RowError
@@ -187,3 +188,14 @@ def test_an_image_above_max_bytes_fails_its_row_naming_the_cap(tmp_path: Path) -
     read = _rows(str(tmp_path / "m.parquet"), max_bytes=100)
     assert isinstance(read[0], ManifestRow) and read[0].image_bytes == small
     assert isinstance(read[1], RowError) and read[1].field == "image" and "max_bytes" in read[1].reason
+
+
+def test_a_shard_of_more_samples_than_its_row_numbers_hold_fails_the_rest_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard i's rows are numbered from i x SHARD_ROWS (1,000,000; lowered here to 5 of the 8)."""
+    monkeypatch.setattr(samples, "SHARD_ROWS", 5)
+    _write_shards(tmp_path)
+    rows = _rows(str(tmp_path / "00000.tar"), base=str(tmp_path))
+    assert [isinstance(r, ManifestRow) for r in rows] == [True] * 5 + [False]
+    assert isinstance(rows[-1], RowError) and "holds over 5 samples; split it" in rows[-1].reason
