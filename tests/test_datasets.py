@@ -21,7 +21,7 @@ from svd_batch.driver import Job, load_spec
 from svd_batch.manifest import read_rows
 from svd_batch.plan import RowError
 from svd_batch.samples import Reading
-from svd_batch.schema import ManifestRow
+from svd_batch.schema import ManifestRow, SamplesSpec
 from tests.helpers import make_image, results, run_job, write_job
 
 SHARDS, PER_SHARD = 4, 8
@@ -151,9 +151,10 @@ def test_a_shard_on_s3_reads_as_the_same_file_does_and_a_cut_shard_fails_from_wh
 
 
 def test_a_parquet_manifest_of_image_bytes_renders_them_and_a_rerun_renders_nothing(
-    tmp_path: Path, tiny_model: Path, ray_cluster: object
+    tmp_path: Path, tiny_model: Path, s3_server: str, ray_cluster: object
 ) -> None:
-    """The Hugging Face layout: `image` a struct {bytes, path}, the id in a column the spec names."""
+    """The Hugging Face layout: `image` a struct {bytes, path}, the id in a column the spec names;
+    on S3 (ranged reads) it reads row for row as the local file."""
     images = [make_image(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(6)]
     cells = [{"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)]
     cells.append({"bytes": None, "path": None})  # a row without its image
@@ -174,6 +175,14 @@ def test_a_parquet_manifest_of_image_bytes_renders_them_and_a_rerun_renders_noth
     assert list(ok.caption) == [f"a picture {i}" for i in range(6)]
     assert all(image.endswith(f"train.parquet#{i}") for i, image in ok.image.items())
     assert run_job(spec) == Counter(skipped=6, failed=1)
+    boto3.client("s3").create_bucket(Bucket="hf-in")
+    boto3.client("s3").upload_file(str(tmp_path / "job" / "train.parquet"), "hf-in", "d/train.parquet")
+    local = _rows(str(tmp_path / "job" / "train.parquet"), samples=SamplesSpec(id="uid"))
+    remote = _rows("s3://hf-in/d/train.parquet", samples=SamplesSpec(id="uid"))
+    assert [(r.id, r.image_bytes, r.caption) for r in remote if isinstance(r, ManifestRow)] == [
+        (r.id, r.image_bytes, r.caption) for r in local if isinstance(r, ManifestRow)
+    ]
+    assert len(local) == len(remote) == 7 and remote[0].image == "s3://hf-in/d/train.parquet#u0"  # type: ignore[union-attr]
 
 
 def test_an_image_above_max_bytes_fails_its_row_naming_the_cap(tmp_path: Path) -> None:
