@@ -30,8 +30,18 @@ def manifest_dir(manifest_uri: str) -> str:
     return posixpath.dirname(manifest_uri.rstrip("/"))
 
 
-def _mib(size: int) -> str:
+def mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
+
+
+def too_large(name: str, size: int, max_bytes: int) -> str | None:
+    """The refusal of an input of `size` bytes above the cap, with the fix; None if it fits.
+    One wording for a file, an object, a shard's member and a Parquet cell."""
+    if size <= max_bytes:
+        return None
+    return (
+        f"{name} is {mib(size)}, above inputs.max_bytes ({mib(max_bytes)}); shrink the file or raise inputs.max_bytes"
+    )
 
 
 def _under(uri: str, root: str) -> bool:
@@ -100,8 +110,5 @@ class InputPolicy:
             return handle.read(self.max_bytes + 1)[: self.max_bytes]
 
     def _check_size(self, name: str, size: int) -> None:
-        if size > self.max_bytes:
-            raise InputError(
-                f"{name} is {_mib(size)}, above inputs.max_bytes ({_mib(self.max_bytes)}); "
-                "shrink the file or raise inputs.max_bytes"
-            )
+        if refused := too_large(name, size, self.max_bytes):
+            raise InputError(refused)

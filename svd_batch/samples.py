@@ -29,6 +29,7 @@ from typing import Any
 from braceexpand import braceexpand
 
 from svd_batch.errors import first_line
+from svd_batch.inputs import mib, too_large
 from svd_batch.plan import RowError
 from svd_batch.schema import InputsSpec, JobSpec, SamplesSpec
 from svd_batch.storage import RangedReader, StorageError, local_path, open_storage
@@ -97,10 +98,6 @@ class Reading:
     def shard_name(self, uri: str) -> str:
         inside = uri[len(self.base) + 1 :] if self.base and uri.startswith(self.base + "/") else uri.rsplit("/", 1)[-1]
         return inside.removesuffix(".tar")
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 @contextmanager
@@ -197,14 +194,16 @@ def _row(
         held = ", ".join(sorted(members)) or "no member it reads"
         return error("image", f"no image member ({', '.join(samples.image)}; it has {held}); name it in samples.image")
     data = members[extension]
-    if isinstance(data, int):
-        return error("image", f".{extension} is {_mib(data)}, above inputs.max_bytes ({_mib(reading.max_bytes)})")
+    if isinstance(data, int):  # only a member above the cap is held as its size
+        refused = too_large(names[extension], data, reading.max_bytes)
+        assert refused is not None
+        return error("image", refused)
     return {**raw, "id": row_id, "image": f"{uri}#{names[extension]}", "image_bytes": data}
 
 
 def _text(value: bytes | int) -> str:
     if isinstance(value, int):
-        raise ValueError(f"{_mib(value)}")
+        raise ValueError(mib(value))
     return value.decode()
 
 
@@ -222,9 +221,8 @@ def image_cell(record: dict[str, Any], uri: str, number: int, reading: Reading) 
             record["image"] = image
     if isinstance(image, bytes):
         row_id = record.get("id")
-        if len(image) > reading.max_bytes:
-            reason = f"{_mib(len(image))} of image bytes, above inputs.max_bytes ({_mib(reading.max_bytes)})"
-            return RowError(number, str(row_id) if row_id is not None else None, "image", reason)
+        if refused := too_large("its image cell", len(image), reading.max_bytes):
+            return RowError(number, str(row_id) if row_id is not None else None, "image", refused)
         record["image"] = f"{uri}#{row_id if row_id is not None else f'row-{number}'}"
         record["image_bytes"] = image
     return record
