@@ -28,10 +28,10 @@ def start_control(run_id: str, draining: bool) -> Any:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(JobControl)
-    control = actor.options(name=JobControl.name(run_id), scheduling_strategy=here).remote()
-    if draining:
-        control.drain.remote()
-    return control
+    # Drained from its constructor: a later drain call from here could reach it after a plan
+    # task's first question (calls from different callers are not ordered), starting the
+    # workers of a run stopped before it began.
+    return actor.options(name=JobControl.name(run_id), scheduling_strategy=here).remote(draining=draining)
 
 
 def configure_ray_data(spec: JobSpec) -> None:
