@@ -14,7 +14,7 @@ PIP := --disable-pip-version-check -qq
 REFERENCE := $(VENV)/torch-reference
 REFERENCE_STAMP := $(REFERENCE)/.installed
 
-.PHONY: setup reference browser demo test test-all test-full bench chaos lint format clean
+.PHONY: setup reference browser demo test test-all test-full bench chaos docs screenshots lint format clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,14 @@ bench: setup
 chaos: setup
 	$(PY) -m chaos.run $(if $(SEED),--seed $(SEED))
 
+# The documentation as a site in site/, in strict mode (a broken link or anchor, or a page out of the nav, fails).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build
+
+# The report's pictures in docs/img/, taken in headless Chromium from the demo's run (docs/screenshots.py).
+screenshots: demo browser
+	$(PY) docs/screenshots.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -74,4 +82,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf .cache out .pytest_cache
+	rm -rf .cache out site .pytest_cache

@@ -59,7 +59,7 @@ COMMIT_EVERY_S = 10.0  # the driver's default metadata commit interval (JobSpec.
 
 
 class ClipScores(BaseModel):
-    """A clip's scores (scores.py; units in the README): the `score_*` columns of its row."""
+    """A clip's scores (scores.py; units in docs/datasets.md): the `score_*` columns of its row."""
 
     motion: float | None = None  # None for a single frame: there is nothing to move between
     flicker: float | None = None
@@ -482,7 +482,7 @@ class ResultRow(BaseModel):
     device_ended_at: dt.datetime | None = None
     encode_s: float | None = None
     upload_s: float | None = None
-    # The clip's scores (scores.py; units in the README), measured on its frames before encoding.
+    # The clip's scores (scores.py; units in docs/datasets.md), measured on its frames before encoding.
     score_motion: float | None = None
     score_flicker: float | None = None
     score_sharpness: float | None = None

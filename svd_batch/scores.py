@@ -2,8 +2,8 @@
 
 They are what a team synthesising a training set filters on: SVD's best-known failure is the
 near-static clip, then flicker, blur, a first frame that drifts from the input, and a last
-frame that no longer shows it. The units are in the README's "Scores" section. Each is a plain
-measurement of the frames, so it can be checked on synthetic clips with a known answer, but
+frame that no longer shows it. The units are in docs/datasets.md ("Scores and quality gates").
+Each is a plain measurement of the frames, so it can be checked on synthetic clips with a known answer, but
 consistency, which compares the model's own CLIP image embeddings of input and last frame.
 """
 

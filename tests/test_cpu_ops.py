@@ -244,7 +244,7 @@ def test_repeat_interleave(repeats: int, dim: int | None) -> None:
 
 
 def test_routes_are_installed_only_for_cpu() -> None:
-    # Exactly the routes the README lists: a new one must be shown necessary and documented.
+    # Exactly the routes docs/models.md lists: a new one must be shown necessary and documented.
     assert sorted(cpu_ops.routed_ops()) == [
         "Conv2d.construct",
         "Conv3d.construct",

@@ -331,7 +331,7 @@ def test_render_command_writes_videos(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_mindspore_compile_dumps_go_to_the_cache_never_the_working_directory(tmp_path: Path) -> None:
-    # Graph mode fails to compile on CPU (see README), and MindSpore then dumps the graph.
+    # Graph mode fails to compile on CPU (see docs/models.md), and MindSpore then dumps the graph.
     script = (
         "import svd_batch\n"
         "from svd_batch.engine import runtime\n"

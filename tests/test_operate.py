@@ -278,7 +278,7 @@ def test_submit_to_a_head_that_cannot_run_svd_batch_fails_at_once_in_one_line(
     """`make test` submits to a head that can in test_submit_status_and_logs_through_the_jobs_api; this
     one needs a second head of its own.
 
-    The README's trap: a head started as .venv/bin/ray start, the venv not activated."""
+    The trap docs/operating.md describes: a head started as .venv/bin/ray start, the venv not activated."""
     bare = ":".join(d for d in os.environ["PATH"].split(":") if d and not (Path(d) / "svd-batch").exists())
     spec = write_job(tmp_path, rows_and_images(tmp_path, 1), tiny_model)
     with head(tmp_path_factory.mktemp("rayhead"), bare) as address:  # a short path: Ray's sockets live there

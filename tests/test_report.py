@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -155,7 +156,7 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert console == []
 
-    # What the browser built of it: a point per minute of the run, a lane per worker, a group per failure class.
+    # What the browser built of it: a point per 10 s of this short run, a lane per worker, a group per failure class.
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom",
          target],
@@ -163,8 +164,13 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
     ).stdout  # fmt: skip
     df = pd.read_parquet(rendered / "metadata")
     night = df[df.run_id == df.run_id.max()].dropna(subset=["worker"])
-    minutes = night.ended_at.dt.floor("min")
-    assert dom.count('class="minute"') == (minutes.max() - minutes.min()) // pd.Timedelta(minutes=1) + 1
+    bins = night.ended_at.dt.floor("10s")
+    assert dom.count('class="bin"') == (bins.max() - bins.min()) // pd.Timedelta(seconds=10) + 1
+    # Every plot has both axes labelled and ticked (the timeline, 4 timings, the scores); the lanes a time axis.
+    plots = 1 + 4 + len(UNITS)
+    assert dom.count('class="x-label"') == plots + 1 and dom.count('class="y-label"') == plots
+    assert dom.count('class="tick"') >= 2 * (2 * plots + 1)
+    assert "time (UTC)" in dom and "videos per 10 s" in dom and "denoise (s)" in dom
     assert re.findall(r'class="lane" data-worker="([^"]+)"', dom) == sorted(night.worker.unique())
     failed = df[df.status == "failed"]
     groups = failed.groupby(["error_stage", "error_type"]).size()
@@ -172,6 +178,10 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
     for (stage, kind), n in groups.items():
         assert f"{stage}: {kind}: {n} rows" in dom and "svd-batch run JOB.yaml --retry-failed" in dom
     assert dom.count('class="input"') == dom.count('class="video"') == 3 + 3 + 2
+    # Each card's clip plays from beside the page: a muted looping video at a path relative to it.
+    clips = re.findall(r'<video src="([^"]+)" muted="" loop="" playsinline="" preload="none">', dom)
+    assert len(clips) == 3 + 3 + 2 and all((rendered / unquote(c)).is_file() for c in clips)
+    assert all(c.startswith("videos/") and c.endswith(".mp4") for c in clips)
 
 
 def test_a_workers_lane_shows_its_device_calls_not_its_time_writing() -> None:
