@@ -24,17 +24,6 @@ from svd_batch.storage import open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "docs" / "img"
-# What Chromium needs on a machine with no network and no screen (see docs/platform.md).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 
 def hour_of(demo: Path, folder: Path, workers: int = 4) -> Path:
@@ -88,7 +77,7 @@ def shoot(page_path: Path, image: Path) -> None:
     """The page from its top to its first row of cards, with the pointer on the first card that has a
     clip, once that clip has played a while."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=list(report.CHROMIUM_FLAGS))
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto(page_path.as_uri())
         page.hover(".card:has(video)")

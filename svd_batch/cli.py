@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from svd_batch.errors import first_line
-from svd_batch.schema import JobSpec, metadata_location
+from svd_batch.schema import JobSpec, WorkItem, metadata_location
 from svd_batch.terminal import drop_known_native_notes
+
+if TYPE_CHECKING:
+    from svd_batch.driver import Job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -87,10 +92,7 @@ def render(
     forward_chunking: Annotated[bool, typer.Option(help="unet.enable_forward_chunking")] = False,
 ) -> None:
     """Render images to videos in this process (no Ray): a quick trial of a model and settings."""
-    from pydantic import ValidationError
-
-    from svd_batch.plan import Planner, RowError
-    from svd_batch.schema import JobSpec, ManifestRow, explain
+    from svd_batch.engine.loader import ModelError
     from svd_batch.storage import local_path
     from svd_batch.worker import RowWorker
 
@@ -100,39 +102,9 @@ def render(
 
         model = ensure_checkpoint()
         defaults = {**TINY_DEFAULTS, **defaults}
-    try:
-        spec = JobSpec.model_validate(
-            {
-                "name": "render",
-                "manifest": str(Path.cwd() / "-"),
-                "inputs": {"allow": ["/"]},  # the images named on the command line, wherever they are
-                "output": str(out_dir.resolve()),
-                "defaults": defaults,
-                "formats": formats,
-                "model": {"path": model, "dtype": dtype, "variant": variant, "forward_chunking": forward_chunking},
-            }
-        )
-    except ValidationError as exc:
-        field, reason = explain(exc, JobSpec)[0]
-        name = field.removeprefix("defaults.")
-        raise fail(
-            f"--set {name}: {reason}" if field.startswith("defaults.") else f"--{name.replace('_', '-')}: {reason}"
-        ) from None
-    from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint
-
-    try:
-        weights = fingerprint(spec.model.path, check_model_dir(spec.model.path, variant))
-    except ModelError as exc:
-        raise fail(str(exc)) from None
-    items = []
-    planner = Planner(spec, str(Path.cwd() / "-"), "render", weights)
-    for number, image in enumerate(images, start=1):
-        row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
-        try:
-            resolved = planner.resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number)
-            items += [r.work_item() for r in resolved]
-        except RowError as exc:
-            raise fail(f"{image}: {exc.field}: {exc.reason}") from None
+    model_spec = {"path": model, "dtype": dtype, "variant": variant, "forward_chunking": forward_chunking}
+    spec = _trial_spec(out_dir, defaults, formats, model_spec)
+    items = _trial_items(spec, images, seed)
     try:
         worker = RowWorker(spec)
     except ModelError as exc:
@@ -146,6 +118,54 @@ def render(
             err.print(f"[red]failed[/] {row.error}", highlight=False)
     if any(r.status != "ok" for r in rows):
         raise typer.Exit(1)
+
+
+def _trial_spec(out_dir: Path, defaults: dict[str, Any], formats: list[str], model: dict[str, Any]) -> JobSpec:
+    """The job a `render` trial is: its images from anywhere, its options as a spec's fields."""
+    from pydantic import ValidationError
+
+    from svd_batch.schema import explain
+
+    try:
+        return JobSpec.model_validate(
+            {
+                "name": "render",
+                "manifest": str(Path.cwd() / "-"),
+                "inputs": {"allow": ["/"]},  # the images named on the command line, wherever they are
+                "output": str(out_dir.resolve()),
+                "defaults": defaults,
+                "formats": formats,
+                "model": model,
+            }
+        )
+    except ValidationError as exc:
+        field, reason = explain(exc, JobSpec)[0]
+        name = field.removeprefix("defaults.")
+        raise fail(
+            f"--set {name}: {reason}" if field.startswith("defaults.") else f"--{name.replace('_', '-')}: {reason}"
+        ) from None
+
+
+def _trial_items(spec: JobSpec, images: list[Path], seed: int | None) -> list[WorkItem]:
+    """A row per image (its id the file's stem, numbered where two share one), planned."""
+    from svd_batch.engine.loader import ModelError, check_model_dir, fingerprint
+    from svd_batch.plan import Planner, RowError
+    from svd_batch.schema import ManifestRow
+
+    try:
+        weights = fingerprint(spec.model.path, check_model_dir(spec.model.path, spec.model.variant))
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    items = []
+    planner = Planner(spec, str(Path.cwd() / "-"), "render", weights)
+    for number, image in enumerate(images, start=1):
+        row_id = image.stem if [i.stem for i in images].count(image.stem) == 1 else f"{image.stem}-{number}"
+        try:
+            resolved = planner.resolve(ManifestRow(id=row_id, image=str(image), seed=seed), number)
+            items += [r.work_item() for r in resolved]
+        except RowError as exc:
+            raise fail(f"{image}: {exc.field}: {exc.reason}") from None
+    return items
 
 
 @app.command("validate")
@@ -204,10 +224,10 @@ def estimate(
     import json
     import os
 
-    from svd_batch.driver import EXIT_CANNOT_START, JobError, load_spec, next_deadline
+    from svd_batch.driver import EXIT_CANNOT_START, JobError, load_spec
     from svd_batch.engine.loader import ModelError
     from svd_batch.estimate import estimate as measure
-    from svd_batch.eta import duration
+    from svd_batch.limits import next_deadline
     from svd_batch.manifest import ManifestError
     from svd_batch.storage import StorageError
 
@@ -220,7 +240,13 @@ def estimate(
         raise fail(str(exc), EXIT_CANNOT_START) from None
     if as_json:
         out.print_json(json.dumps(found))
-        return
+    else:
+        _print_estimate(spec, found, until)
+
+
+def _print_estimate(spec: JobSpec, found: dict[str, Any], until: dt.datetime | None) -> None:
+    from svd_batch.eta import duration
+
     sampled = sum(s["sampled"] for s in found["settings"])
     out.print(
         f"{spec.name}: {found['videos']:,} videos left in {len(found['settings'])} setting(s); {sampled} rendered on "
@@ -286,11 +312,8 @@ def run(
     Exit 0 all ok, 1 rows failed, 2 cannot start, 3 stopped early (deadline or signal; rerun resumes).
     SIGTERM and Ctrl-C drain: rows in flight finish and are committed; a second one stops at once.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Column
-
-    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError, load_spec, next_deadline, parse_duration
-    from svd_batch.eta import progress_line
+    from svd_batch.driver import EXIT_CANNOT_START, JobError, load_spec
+    from svd_batch.limits import next_deadline, parse_duration
 
     try:
         spec = load_spec(job, simulate)
@@ -298,6 +321,21 @@ def run(
         limit = parse_duration(max_duration) if max_duration else None
     except (JobError, ValueError) as exc:
         raise fail(str(exc), EXIT_CANNOT_START) from None
+    options = {"retry_failed": retry_failed, "verify_outputs": verify_outputs, "address": address, "left_ok": left_ok}
+    runner, counts = _run_with_a_bar(spec, deadline=until, max_duration=limit, **options)
+    _summary(spec, runner.run_id, counts)
+    _run_ending(runner, counts)
+    raise typer.Exit(runner.exit_code())
+
+
+def _run_with_a_bar(spec: JobSpec, **options: Any) -> tuple[Job, Counter[str]]:
+    """Run the job under a progress bar on stderr; a job that cannot start exits 2 in one line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Column
+
+    from svd_batch.driver import EXIT_CANNOT_START, Job, JobError
+    from svd_batch.eta import progress_line
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -312,23 +350,16 @@ def run(
         def show(counts: dict[str, int], total: int) -> None:
             bar.update(task, total=total, completed=sum(counts.values()), detail=progress_line(runner.summary()))
 
-        runner = Job(
-            spec,
-            retry_failed=retry_failed,
-            verify_outputs=verify_outputs,
-            address=address,
-            progress=show,
-            deadline=until,
-            max_duration=limit,
-            handle_signals=True,
-            left_ok=left_ok,
-        )
+        runner = Job(spec, progress=show, handle_signals=True, **options)
         try:
-            counts = runner.run()
+            return runner, runner.run()
         except JobError as exc:
             bar.remove_task(task)  # the job never started: the one line below says why
             raise fail(str(exc), EXIT_CANNOT_START) from None
-    _summary(spec, runner.run_id, counts)
+
+
+def _run_ending(runner: Job, counts: Counter[str]) -> None:
+    """What the run's end leaves to do: its failures by class, why it stalled or stopped."""
     for (stage, kind, retryable), n in sorted(runner.failures.items(), key=lambda item: -item[1]):
         then = "the next run makes them" if retryable else "final: `--retry-failed` makes them again"
         out.print(f"failed {n}: {stage}/{kind} ({then})", highlight=False)
@@ -337,7 +368,6 @@ def run(
     if runner.stopped:
         unread = f" and {runner.unread_shards} shards unread" if runner.unread_shards else ""
         err.print(f"{runner.stopped}, {counts.get('left', 0)} rows left{unread}, rerun to resume", highlight=False)
-    raise typer.Exit(runner.exit_code())
 
 
 def _summary(spec: JobSpec, run_id: str, counts: dict[str, int]) -> None:
@@ -375,7 +405,8 @@ def submit(
 ) -> None:
     """Submit a job to a Ray cluster through the Ray Jobs API; prints the job id."""
     from svd_batch import submit as jobs
-    from svd_batch.driver import load_spec, next_deadline, parse_duration
+    from svd_batch.driver import load_spec
+    from svd_batch.limits import next_deadline, parse_duration
 
     try:
         load_spec(job)  # refuse a bad spec here, not on the cluster

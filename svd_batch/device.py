@@ -9,12 +9,18 @@ where the device waited for it.
 
 from __future__ import annotations
 
+import logging
 import resource
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from svd_batch.errors import first_line
+
+log = logging.getLogger(__name__)
 
 
 class DeviceClock:
@@ -100,3 +106,29 @@ class CpuClock:
                 spent = time.thread_time() - thread + (_children_cpu_s() - child if children else 0.0)
                 with self._lock:
                     self.seconds[name] += spent
+
+
+CPU_STAGES = ("score", "encode", "upload")  # a made video's CPU work beside its device
+
+
+def run_figures(control: Any) -> dict[str, Any]:
+    """The run record's device_busy, frames_peak_mb and cpu_s_per_video, from each worker
+    process's figures as the run's control actor collected them (none before Ray)."""
+    if control is None:
+        return {}
+    import ray
+
+    try:
+        figures: list[dict[str, float]] = ray.get(control.device_figures.remote())
+    except ray.exceptions.RayError as exc:  # the record is still worth writing without them
+        log.warning("device figures not read: %s", first_line(exc))
+        return {}
+    if not figures:
+        return {}
+    videos = sum(f["videos"] for f in figures)
+    cpu = {stage: sum(f.get(f"cpu_{stage}_s", 0.0) for f in figures) for stage in CPU_STAGES}
+    return {
+        "device_busy": round(sum(f["busy"] for f in figures) / len(figures), 4),
+        "frames_peak_mb": round(max(f["frames_peak_bytes"] for f in figures) / 2**20, 1),
+        "cpu_s_per_video": {stage: round(seconds / videos, 4) for stage, seconds in cpu.items()} if videos else {},
+    }

@@ -1,6 +1,12 @@
-"""How an exception becomes the one line a user reads."""
+"""How an exception becomes the one line a user reads, and how a run's end becomes its exit code."""
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_CANNOT_START, EXIT_STOPPED = 0, 1, 2, 3
+
+
+class JobError(RuntimeError):
+    """The job cannot start; the message is the one line the user sees (exit 2)."""
 
 
 def first_line(exc: BaseException, with_type: bool = False) -> str:

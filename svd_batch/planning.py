@@ -279,3 +279,13 @@ def prepare(
     window = 2 * CHUNK + 4 * spec.workers.count * spec.workers.batch_size
     context = PlanContext(spec.model_dump_json(), run_id, weights, retry_failed, earlier, duplicates, control, window)
     return ray.get(pieces), context
+
+
+def plan_again(
+    spec: JobSpec, run_id: str, weights: str, retry_failed: bool, verify_outputs: bool
+) -> Iterator[list[WorkItem]]:
+    """Every video planned once more, against the ledger with this run's own rows counted as
+    done: what is still to do is what no worker returned (accounting.py)."""
+    pieces, context = prepare(spec, run_id, weights, retry_failed, verify_outputs, exclude_run=run_id)
+    for work in plan_dataset(spec, pieces, context).iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield items_from_table(work)

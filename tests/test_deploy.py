@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from svd_batch.driver import load_spec, next_deadline, validate
+from svd_batch.driver import load_spec, validate
+from svd_batch.limits import next_deadline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,9 @@ import pytest
 from pydantic import ValidationError
 
 from chaos.proxy import free_port
-from svd_batch.driver import EXIT_STOPPED, Job, JobError, deadline_label, load_spec, next_deadline, parse_duration
+from svd_batch.driver import EXIT_STOPPED, Job, JobError, load_spec
 from svd_batch.engine import simulated
+from svd_batch.limits import deadline_label, next_deadline, parse_duration
 from svd_batch.plan import Planner
 from svd_batch.schema import JobSpec, ManifestRow
 from tests.helpers import (

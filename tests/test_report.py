@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from svd_batch.metadata import MetadataWriter
-from svd_batch.report import build, write
+from svd_batch.report import CHROMIUM_FLAGS, build, write
 from svd_batch.schema import JobSpec
 from svd_batch.scores import UNITS
 from svd_batch.storage import local_path, open_storage
@@ -132,13 +132,7 @@ def test_report_renders_in_headless_chromium(rendered: Path, tmp_path: Path) -> 
         [
             CHROMIUM,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             "--enable-logging=stderr",
             "--v=0",
