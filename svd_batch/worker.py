@@ -90,7 +90,7 @@ class RowWorker:
     ) -> list[ResultRow]:
         """One result row per item, in order; a bad item never costs another its video.
         `on_device` is called when the call first holds the device."""
-        prepared = [self._prepare(item, attempt) for item in items]
+        prepared = [self.prepare(item, attempt) for item in items]
         pending = [p for p in prepared if p.request is not None]
         while pending:  # a gated row that missed a gate goes round again with its next seed
             # 1. The device, back to back: the pipeline call, then the image encoder's
@@ -136,7 +136,9 @@ class RowWorker:
         if self.writing.shards is not None:
             self.writing.shards.close()
 
-    def _prepare(self, item: WorkItem, attempt: int) -> Prepared:
+    def prepare(self, item: WorkItem, attempt: int) -> Prepared:
+        """The row (failed until written) and its render request; a row that cannot be
+        rendered fails here, naming the stage."""
         row = ResultRow.for_item(
             item,
             Status.failed,

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,13 @@ def scenario(spec_path: str) -> None:
     removed: list[str] = []
     made_on: list[str] = []  # the node ids (12 characters) of committed rows, in order
 
-    class Watched(Job):
-        def _commit(self, rows: pa.Table | list) -> None:  # type: ignore[type-arg]
-            super()._commit(rows)
+    def watched(commit: Callable[[pa.Table | list], None]) -> Callable[[pa.Table | list], None]:  # type: ignore[type-arg]
+        def committing(rows: pa.Table | list) -> None:  # type: ignore[type-arg]
+            commit(rows)
             if isinstance(rows, pa.Table):  # a batch the workers returned
                 made_on.extend(node.rsplit("/", 1)[-1] for node in rows.column("node").to_pylist() if node)
+
+        return committing
 
     def progress(counts: Counter[str], total: int) -> None:
         # The node whose worker made the first video: its rows must stay, the rest be made elsewhere.
@@ -55,7 +58,8 @@ def scenario(spec_path: str) -> None:
             cluster.remove_node(victim, allow_graceful=False)
             removed.append(victim.node_id)
 
-    job = Watched(load_spec(Path(spec_path)), progress=progress)
+    job = Job(load_spec(Path(spec_path)), progress=progress)
+    job.tally.commit = watched(job.tally.commit)  # type: ignore[method-assign]
     counts = job.run()
     print(json.dumps({"counts": counts, "removed": removed}))
     ray.shutdown()

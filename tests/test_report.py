@@ -28,8 +28,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    """A small real output: three videos and a failure, made in-process (no Ray needed), in a
-    folder whose name has a space and a non-ASCII letter (file URIs percent-encode both)."""
+    """A small real output: three videos and a failure, made in-process (no Ray needed) by the
+    simulated device (the page is the report's promise, not the frames), in a folder whose name
+    has a space and a non-ASCII letter (file URIs percent-encode both)."""
     from svd_batch.manifest import read_rows
     from svd_batch.plan import Planner
     from svd_batch.worker import RowWorker
@@ -54,6 +55,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path
             "model": {"path": tiny_model},
             "defaults": FAST,
             "formats": ["mp4", "gif"],
+            "simulate": 0.01,
         }
     )
     planner = Planner(spec, spec.manifest, "20260101T000000Z-test", "weights")

@@ -149,7 +149,7 @@ def test_a_calls_steps_alone_render_on_the_device_then_judge_and_write(tmp_path:
     writer, which uploads it and completes the row; a gate no clip meets sends it round again."""
     spec = _spec(tmp_path, tiny_model, rows=1)
     worker = RowWorker(spec)  # the prepare step: the row and its request
-    prepared: Prepared = worker._prepare(_items(spec, 1)[0], attempt=1)
+    prepared = worker.prepare(_items(spec, 1)[0], attempt=1)
     assert prepared.request is not None and prepared.row.status == Status.failed  # until written
     device = DeviceCalls(worker.model, worker.renderer)
     [(rendered, video)], [similarity] = device.call([prepared])
