@@ -1,4 +1,5 @@
-"""How an exception becomes the one line a user reads, and how a run's end becomes its exit code."""
+"""How an exception becomes the one line a user reads; the exit codes a run ends with, and the
+error of a job that cannot start (driver.exit_code maps a run's end to the codes)."""
 
 from __future__ import annotations
 
