@@ -35,8 +35,13 @@ def _gray(frames: np.ndarray) -> list[np.ndarray]:
 
 
 def motion(frames: np.ndarray) -> float | None:
-    """Mean optical-flow magnitude between consecutive frames (OpenCV's Farneback), in pixels
+    """Mean optical-flow magnitude between consecutive frames (OpenCV's DIS flow), in pixels
     per frame of the clip scaled to a short side of ANALYSIS_SHORT_SIDE.
+
+    DIS at its ultrafast preset, not Farneback: on a 256x448 clip of 14 frames it takes 0.05 s
+    against Farneback's 0.41 s (its example settings), and reads a 2 px/frame pan as 2.01 where
+    Farneback read 1.87. The scores run on the CPU beside the device, so their cost is what a
+    device's host must keep up with (docs/devices.md).
 
     A larger clip is shrunk to that size first; a smaller one is measured at its own size and
     its flow scaled up, as upsampling would leave too little texture for the flow to follow.
@@ -51,11 +56,8 @@ def motion(frames: np.ndarray) -> float | None:
     if scale < 1:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         gray = [cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in gray]
-    magnitudes = []
-    for before, after in itertools.pairwise(gray):
-        # OpenCV's documented example settings for dense flow: 3 pyramid levels, 15 px windows.
-        flow = cv2.calcOpticalFlowFarneback(before, after, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
+    flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+    magnitudes = [float(np.linalg.norm(flow.calc(a, b, None), axis=-1).mean()) for a, b in itertools.pairwise(gray)]
     return float(np.mean(magnitudes)) * max(scale, 1.0)
 
 
