@@ -44,7 +44,7 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# The fast tier, before every change (at most 10 minutes; 9.8 measured); a test marked slow names the one here
+# The fast tier, before every change (at most 10 minutes; 7.7-9.9 measured); a test marked slow names the one here
 # that covers its promise. Both tiers print their 15 slowest tests (addopts: --durations=15).
 test: setup reference browser
 	$(PY) -m pytest -q -m "not slow and not full"
