@@ -177,6 +177,9 @@ def rows(points: list[dict[str, Any]], cores: int) -> list[str]:
         "CPU s/video: score, encode, upload | cores needed | driver RSS | object store peak |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    # In SHAPES' order and by N, however the points came: a resumed run appends them as they end.
+    shapes = list(SHAPES)
+    points = sorted(points, key=lambda p: (shapes.index(p["shape"]), p["devices"]))
     by = {(p["shape"], p["devices"], p["calls"]): p for p in points}
     for (shape, devices, calls), p in by.items():
         if calls != 2:
